@@ -1,0 +1,1 @@
+"""Checkpoints: atomic save/restore of train states, import/export of official weights."""

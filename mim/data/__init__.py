@@ -1,0 +1,1 @@
+"""Input pipeline: image folders, transforms, mask generators, sharding."""
