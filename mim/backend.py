@@ -1,0 +1,156 @@
+"""The one place that knows about devices: which device, which collective backend,
+which precision policy, whether to compile, and the process group.
+
+Nothing else in mim branches on the device type.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Precision policies.
+#   fp32        everything in fp32.
+#   amp_bf16    fp32 parameters, bf16 compute under autocast (Apex AMP "O1").
+#   amp_fp16    the same in fp16, with dynamic loss scaling.
+#   bf16, fp16  parameters stored in low precision, fp32 master copy in the
+#               optimizer (Apex AMP "O2"); fp16 with dynamic loss scaling.
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "npu")
+COMPILE = ("auto", "on", "off")
+
+
+def _npu_available() -> bool:
+    """Import torch_npu only when it is installed; it registers the ``npu`` device."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        importlib.import_module("torch_npu")
+    except Exception as e:  # CANN missing: torch_npu raises on import
+        log.warning("torch_npu is installed but cannot be imported: %s", e)
+        return False
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def detect_device(requested: str = "auto") -> str:
+    if requested not in DEVICES:
+        raise ValueError(f"config.device={requested!r}: must be one of {DEVICES}")
+    if requested == "npu":
+        if importlib.util.find_spec("torch_npu") is None:
+            raise RuntimeError("config.device='npu' but torch_npu is not installed "
+                               "(pip install 'mim[npu]' on a machine with Ascend CANN)")
+        importlib.import_module("torch_npu")
+        return "npu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config.device='cuda' but no CUDA device is available")
+    if requested != "auto":
+        return requested
+    if _npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+COLLECTIVES = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+@dataclasses.dataclass
+class Backend:
+    device_type: str
+    device: torch.device
+    precision: str
+    compile: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "amp_bf16": torch.bfloat16, "bf16": torch.bfloat16,
+                "amp_fp16": torch.float16, "fp16": torch.float16}[self.precision]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """Dtype of the parameters the forward pass sees (O2 keeps them low precision)."""
+        return self.compute_dtype if self.precision in ("bf16", "fp16") else torch.float32
+
+    @property
+    def master_weights(self) -> bool:
+        return self.precision in ("bf16", "fp16")
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.precision in ("amp_fp16", "fp16")
+
+    def autocast(self):
+        if self.precision in ("amp_bf16", "amp_fp16"):
+            return torch.autocast(self.device_type, dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def synchronize(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device_type == "npu":
+            torch.npu.synchronize(self.device)
+
+    def max_memory_allocated(self) -> Optional[int]:
+        if self.device_type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.device_type == "npu":
+            return torch.npu.max_memory_allocated(self.device)
+        return None
+
+
+def setup(device: str = "auto", precision: str = "fp32", compile: str = "auto") -> Backend:
+    """Pick the device, join the process group that torchrun describes (if any)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"config.precision={precision!r}: must be one of {PRECISIONS}")
+    if compile not in COMPILE:
+        raise ValueError(f"config.compile={compile!r}: must be one of {COMPILE}")
+    device_type = detect_device(device)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cpu":
+        dev = torch.device("cpu")
+    else:
+        dev = torch.device(device_type, local_rank)
+        getattr(torch, device_type).set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(COLLECTIVES[device_type], timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if device_type != "cpu" else None)
+    if precision in ("amp_bf16", "bf16") and device_type == "cpu":
+        log.info("bf16 on CPU runs, but is rarely faster than fp32")
+    # torch.compile targets CUDA and CPU (inductor); the NPU runs the same step eagerly.
+    use_compile = {"on": True, "off": False, "auto": device_type == "cuda"}[compile]
+    if use_compile and device_type == "npu":
+        raise ValueError("config.compile='on' is not supported on NPU; use 'auto' or 'off'")
+    return Backend(device_type, dev, precision, use_compile, rank, world, local_rank)
+
+
+def seed_step(seed: int, step: int, rank: int) -> int:
+    """One 63-bit seed per (seed, step, rank): every random draw of a step derives from it."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB)
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
+    x ^= x >> 32
+    return x & ((1 << 63) - 1)

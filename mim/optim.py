@@ -1,0 +1,232 @@
+"""Functional optimizers, schedules and parameter groups.
+
+Optimizer states are trees; updates are multi-tensor (``torch._foreach_*``) and in
+place, because the train state is donated to the step. Parameter groups are rules
+over flat parameter names (regular expressions), so weight-decay masks, layer-wise
+lr decay, freezing and lr multipliers are all config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------
+# Parameter groups
+
+
+@dataclasses.dataclass
+class Group:
+    names: List[str]
+    lr_scale: float
+    weight_decay: float
+
+
+def no_decay(name: str, shape, patterns: Sequence[str]) -> bool:
+    """Biases and norm weights (1-D) and names matching ``patterns`` (position
+    embeddings, class / mask tokens) are not decayed, as in timm, MAE and BEiT."""
+    return len(shape) <= 1 or any(re.search(p, name) for p in patterns)
+
+
+def make_groups(shapes: Dict[str, torch.Size], *, weight_decay: float,
+                no_decay_patterns: Sequence[str] = (),
+                layer_decay: float = 1.0,
+                layer_id: Optional[Callable[[str], int]] = None,
+                num_layers: int = 0,
+                lr_multipliers: Sequence = ()) -> List[Group]:
+    """Group trainable parameters by (lr scale, weight decay), in a stable order.
+
+    Layer decay (Clark et al. 2020; BEiT Sec. 3.3): layer ``i`` of ``num_layers + 2``
+    gets ``layer_decay ** (num_layers + 1 - i)``. ``lr_multipliers`` is a sequence of
+    ``(regex, factor)`` applied on top."""
+    if layer_decay != 1.0 and layer_id is None:
+        raise ValueError("optim.layer_decay != 1 needs a model that defines layer ids")
+    keyed: Dict[tuple, List[str]] = {}
+    for name, shape in shapes.items():
+        scale = 1.0
+        if layer_decay != 1.0:
+            scale = layer_decay ** (num_layers + 1 - layer_id(name))
+        for pattern, factor in lr_multipliers:
+            if re.search(pattern, name):
+                scale *= factor
+        wd = 0.0 if no_decay(name, shape, no_decay_patterns) else weight_decay
+        keyed.setdefault((scale, wd), []).append(name)
+    return [Group(names, s, wd) for (s, wd), names in keyed.items()]
+
+
+def trainable_names(names: Sequence[str], frozen_patterns: Sequence[str]) -> List[str]:
+    return [n for n in names if not any(re.search(p, n) for p in frozen_patterns)]
+
+
+# ---------------------------------------------------------------------------
+# Schedules: functions of the step *tensor*, so they run inside a compiled step
+# without a host round-trip.
+
+
+def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int = 0,
+                  min_lr: float = 0.0, warmup_init_lr: float = 0.0):
+    """Linear warm-up then half-cosine decay to ``min_lr`` (Loshchilov & Hutter 2017),
+    evaluated per step, as MAE's ``adjust_learning_rate`` does per iteration."""
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step: torch.Tensor) -> torch.Tensor:
+        s = step.to(torch.float32)
+        warm = warmup_init_lr + (base_lr - warmup_init_lr) * s / max(warmup_steps, 1)
+        t = torch.clamp((s - warmup_steps) / decay_steps, 0.0, 1.0)
+        cos = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + torch.cos(math.pi * t))
+        return torch.where(s < warmup_steps, warm, cos)
+
+    return schedule
+
+
+def warmup_constant(base_lr: float, warmup_steps: int = 0):
+    def schedule(step: torch.Tensor) -> torch.Tensor:
+        s = step.to(torch.float32)
+        return base_lr * torch.clamp(s / max(warmup_steps, 1), max=1.0) if warmup_steps else \
+            torch.full_like(s, base_lr)
+
+    return schedule
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+# ---------------------------------------------------------------------------
+# Gradient utilities
+
+
+def global_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
+    norms = torch._foreach_norm(tensors)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+def clip_by_global_norm(grads: List[torch.Tensor], max_norm: float):
+    """Gradients scaled so their global L2 norm is at most ``max_norm``
+    (``torch.nn.utils.clip_grad_norm_`` semantics, no host sync), and that norm.
+    Not in place: ``torch.func`` may return expanded (stride-0) gradients."""
+    norm = global_norm(grads)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return torch._foreach_mul(grads, coef.to(grads[0].dtype)), norm
+
+
+# ---------------------------------------------------------------------------
+# Optimizers. ``init(params) -> state``; ``update(params, grads, state, lr, groups)``
+# updates ``params`` and ``state`` in place. ``params``/``grads`` are flat dicts.
+
+
+class AdamW:
+    """Decoupled weight decay Adam (Loshchilov & Hutter 2019), torch.optim.AdamW semantics."""
+
+    def __init__(self, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+        self.b1, self.b2, self.eps = b1, b2, eps
+
+    def init(self, params: Dict[str, torch.Tensor]) -> dict:
+        return {"count": torch.zeros((), dtype=torch.int64, device=_device(params)),
+                "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(self, params, grads, state, lr: torch.Tensor, groups: List[Group]):
+        state["count"].add_(1)
+        t = state["count"].to(lr.dtype)
+        bc1 = 1 - self.b1 ** t
+        bc2 = 1 - self.b2 ** t
+        for g in groups:
+            p = [params[n] for n in g.names]
+            d = [grads[n] for n in g.names]
+            m = [state["mu"][n] for n in g.names]
+            v = [state["nu"][n] for n in g.names]
+            glr = lr * g.lr_scale
+            if g.weight_decay:
+                torch._foreach_mul_(p, 1 - glr * g.weight_decay)
+            torch._foreach_lerp_(m, d, 1 - self.b1)
+            torch._foreach_mul_(v, self.b2)
+            torch._foreach_addcmul_(v, d, d, 1 - self.b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, torch.sqrt(bc2))
+            torch._foreach_add_(denom, self.eps)
+            upd = torch._foreach_div(m, denom)
+            torch._foreach_mul_(upd, -glr / bc1)
+            torch._foreach_add_(p, upd)
+
+
+class SGD:
+    """SGD with (Nesterov) momentum and coupled L2 weight decay, torch.optim.SGD semantics
+    (dampening 0: the first step's buffer equals the gradient)."""
+
+    def __init__(self, momentum: float = 0.9, nesterov: bool = False):
+        if nesterov and momentum <= 0:
+            raise ValueError("optim.nesterov needs optim.momentum > 0")
+        self.momentum, self.nesterov = momentum, nesterov
+
+    def init(self, params):
+        return {"count": torch.zeros((), dtype=torch.int64, device=_device(params)),
+                "momentum": _zeros(params)}
+
+    def update(self, params, grads, state, lr, groups):
+        state["count"].add_(1)
+        for g in groups:
+            p = [params[n] for n in g.names]
+            d = [grads[n] for n in g.names]
+            if g.weight_decay:
+                d = torch._foreach_add(d, p, alpha=g.weight_decay)
+            if self.momentum:
+                buf = [state["momentum"][n] for n in g.names]
+                torch._foreach_mul_(buf, self.momentum)
+                torch._foreach_add_(buf, d)
+                d = torch._foreach_add(d, buf, alpha=self.momentum) if self.nesterov else buf
+            upd = torch._foreach_mul(d, -lr * g.lr_scale)
+            torch._foreach_add_(p, upd)
+
+
+class LARS:
+    """Layer-wise adaptive rate scaling (You et al. 2017) as MAE's linear probe uses it:
+    weight decay and the trust ratio apply to matrices only (``ndim > 1``)."""
+
+    def __init__(self, momentum: float = 0.9, trust_coefficient: float = 0.001):
+        self.momentum, self.eta = momentum, trust_coefficient
+
+    def init(self, params):
+        return {"count": torch.zeros((), dtype=torch.int64, device=_device(params)),
+                "momentum": _zeros(params)}
+
+    def update(self, params, grads, state, lr, groups):
+        state["count"].add_(1)
+        for g in groups:
+            for n in g.names:
+                p, d, mu = params[n], grads[n], state["momentum"][n]
+                if p.ndim > 1:
+                    d = d + g.weight_decay * p
+                    pn, un = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    one = torch.ones_like(pn)
+                    q = torch.where(pn > 0, torch.where(un > 0, self.eta * pn / un, one), one)
+                    d = d * q
+                mu.mul_(self.momentum).add_(d)
+                p.add_(mu * (-lr * g.lr_scale))
+
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+def create(name: str, cfg) -> object:
+    if name == "adamw":
+        return AdamW(cfg.b1, cfg.b2, cfg.eps)
+    if name == "sgd":
+        return SGD(cfg.momentum, cfg.nesterov)
+    if name == "lars":
+        return LARS(cfg.momentum)
+    raise ValueError(f"config.optim.name={name!r}: must be one of {OPTIMIZERS}")
+
+
+def _zeros(params):
+    """Optimizer moments in at least fp32, whatever the parameters' precision."""
+    return {k: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+            for k, p in params.items()}
+
+
+def _device(params):
+    for p in params.values():
+        return p.device
+    return torch.device("cpu")
