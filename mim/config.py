@@ -1,0 +1,162 @@
+"""The fields every experiment shares, and validation before any work starts.
+
+An experiment file's ``get_config(arg)`` starts from :func:`base` and sets what its
+recipe needs. Configs are locked: assigning an unknown field is an error, so a typo
+in an experiment file or on the command line never passes silently.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from mim import backend, optim
+
+MODES = ("train", "eval")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "classify"
+    c.mode = "train"              # "train", or "eval": evaluate init.checkpoint / the workdir's last
+    c.seed = 0
+    c.device = "auto"             # auto | cpu | cuda | npu
+    c.precision = "fp32"          # fp32 | amp_bf16 | amp_fp16 | bf16 | fp16 (see mim.backend)
+    c.compile = "auto"            # auto (CUDA only) | on | off
+    c.batch_size = 256            # global batch, over all ranks and accumulation steps
+    c.grad_accum = 1
+    c.eval_batch_size = 256       # global
+    c.epochs = 1.0                # training length in epochs, or ...
+    c.steps = 0                   # ... in steps when > 0 (wins over epochs)
+    c.log_every = 50
+    c.eval_every = 0              # steps; 0: at the end of each epoch
+    c.checkpoint_every = 0        # steps; 0: at the end of each epoch
+    c.keep_checkpoints = 3
+    c.deterministic = False       # torch.use_deterministic_algorithms
+    c.max_nonfinite_steps = 10    # stop after this many consecutive non-finite losses
+
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""        # a file to start from (format set by init.format)
+    c.init.format = "timm"        # timm | mim
+
+    c.model = ml_collections.ConfigDict()
+
+    c.data = ml_collections.ConfigDict()
+    d = c.data
+    d.path = ""
+    d.train_split = "train"
+    d.eval_split = "val"
+    d.num_workers = 2
+    d.prefetch = 2
+    d.image_size = 224
+    d.crop_scale = (0.08, 1.0)
+    d.crop_ratio = (3 / 4, 4 / 3)
+    d.hflip = 0.5
+    d.color_jitter = 0.0
+    d.auto_augment = ""           # e.g. "rand-m9-mstd0.5-inc1" (RandAugment, timm syntax)
+    d.interpolation = "bicubic"
+    d.re_prob = 0.0               # random erasing (Zhong et al. 2020)
+    d.re_mode = "pixel"
+    d.re_count = 1
+    d.crop_pct = 0.875            # eval: resize to image_size / crop_pct, centre crop
+    d.mean = (0.485, 0.456, 0.406)
+    d.std = (0.229, 0.224, 0.225)
+    d.mixup = 0.0
+    d.cutmix = 0.0
+    d.mixup_prob = 1.0
+    d.mixup_switch_prob = 0.5
+    d.label_smoothing = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    o = c.optim
+    o.name = "adamw"              # adamw | sgd | lars
+    o.lr = 0.0                    # absolute learning rate, or ...
+    o.base_lr = 0.0               # ... lr = base_lr * batch_size / 256 (MAE, BEiT, SimMIM)
+    o.min_lr = 0.0
+    o.schedule = "cosine"         # cosine | constant
+    o.warmup_epochs = 0.0
+    o.warmup_steps = 0            # wins over warmup_epochs when > 0
+    o.weight_decay = 0.0
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.momentum = 0.9
+    o.nesterov = False
+    o.clip_grad = 0.0             # max global grad norm; 0: off
+    o.layer_decay = 1.0
+    o.frozen = ()                 # regexes of parameter names not trained
+    o.lr_multipliers = ()         # ((regex, factor), ...)
+    return c
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(cond: bool, field: str, msg: str):
+    if not cond:
+        raise ConfigError(f"config.{field}: {msg}")
+
+
+def _one_of(c, field, choices):
+    value = c
+    for part in field.split("."):
+        value = value[part]
+    _check(value in choices, field, f"{value!r} is not one of {tuple(choices)}")
+
+
+def validate(c, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` naming the first wrong field."""
+    from mim import tasks
+    _one_of(c, "task", tasks.TASKS)
+    _one_of(c, "mode", MODES)
+    _one_of(c, "device", backend.DEVICES)
+    _one_of(c, "precision", backend.PRECISIONS)
+    _one_of(c, "compile", backend.COMPILE)
+    _one_of(c, "optim.name", optim.OPTIMIZERS)
+    _one_of(c, "optim.schedule", optim.SCHEDULES)
+    _one_of(c, "init.format", ("timm", "mim", "official"))
+    for f in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints",
+              "max_nonfinite_steps"):
+        _check(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")
+    for f in ("steps", "eval_every", "checkpoint_every", "optim.warmup_steps", "data.num_workers"):
+        v = c
+        for p in f.split("."):
+            v = v[p]
+        _check(isinstance(v, int) and v >= 0, f, f"must be a non-negative integer, got {v!r}")
+    _check(c.steps > 0 or c.epochs > 0, "epochs", "set epochs > 0 or steps > 0")
+    per_rank = c.batch_size // max(world_size, 1)
+    _check(c.batch_size % (world_size * c.grad_accum) == 0, "batch_size",
+           f"{c.batch_size} does not split into {world_size} rank(s) x {c.grad_accum} "
+           f"accumulation step(s)")
+    _check(per_rank >= c.grad_accum, "grad_accum", "more accumulation steps than images per rank")
+    _check(bool(c.data.path), "data.path", "no dataset given; set --config.data.path=/path/to/root "
+           "with root/train/<class>/*.jpg and root/val/<class>/*.jpg")
+    o = c.optim
+    _check((o.lr > 0) != (o.base_lr > 0), "optim.lr",
+           f"set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch/256); "
+           f"got lr={o.lr}, base_lr={o.base_lr}")
+    _check(0 < o.layer_decay <= 1, "optim.layer_decay", f"must be in (0, 1], got {o.layer_decay}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must be in [0, 1)")
+    _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+    d = c.data
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+           f"must be (min, max) in (0, 1], got {tuple(d.crop_scale)}")
+    _check(0 < d.crop_pct <= 1, "data.crop_pct", f"must be in (0, 1], got {d.crop_pct}")
+    _check(d.image_size > 0, "data.image_size", "must be positive")
+    _check(0 <= d.label_smoothing < 1, "data.label_smoothing", "must be in [0, 1)")
+    if (d.mixup > 0 or d.cutmix > 0):
+        _check((c.batch_size // world_size) % 2 == 0, "batch_size", "mixup/cutmix need an even batch per rank")
+    m = c.model
+    if "img_size" in m:
+        _check(m.img_size == d.image_size, "model.img_size",
+               f"{m.img_size} differs from data.image_size={d.image_size}")
+    if "patch_size" in m and "img_size" in m:
+        _check(m.img_size % m.patch_size == 0, "model.patch_size",
+               f"{m.patch_size} does not divide model.img_size={m.img_size}")
+    if "embed_dim" in m and "num_heads" in m and isinstance(m.num_heads, int):
+        _check(m.embed_dim % m.num_heads == 0, "model.num_heads",
+               f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}")
+
+
+def learning_rate(c) -> float:
+    return c.optim.lr if c.optim.lr > 0 else c.optim.base_lr * c.batch_size / 256

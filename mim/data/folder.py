@@ -1,0 +1,93 @@
+"""ImageNet folder layout: ``root/<split>/<class>/<image>``, any image size.
+
+Each sample is drawn with its own seed, so its augmentation (and any mask the
+task draws for it) depends on (run seed, epoch, index) only: not on the number of
+workers, ranks, or where a resumed run restarted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used: missing, empty, or inconsistent with the model."""
+
+
+def split_dir(root: str, split: str) -> str:
+    path = os.path.join(os.path.expanduser(root), split)
+    if not os.path.isdir(path):
+        raise DatasetError(f"dataset split not found: {path} (expected <root>/{split}/<class>/<images>; "
+                           f"set --config.data.path)")
+    return path
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode and convert any mode (L, LA, P, CMYK, RGBA, I;16) to 8-bit RGB."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: scale to 8 bits before conversion instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Items are ``(index, seed)`` pairs from the samplers in :mod:`mim.data.sampler`."""
+
+    def __init__(self, root: str, split: str, transform: Callable,
+                 extras: Optional[Callable[[torch.Generator], Dict[str, torch.Tensor]]] = None):
+        self.root = split_dir(root, split)
+        try:
+            self.classes, self.class_to_idx = find_classes(self.root)
+        except FileNotFoundError as e:
+            raise DatasetError(f"no class folders in {self.root}: {e}") from None
+        self.samples = make_dataset(self.root, self.class_to_idx, extensions=IMG_EXTENSIONS,
+                                    allow_empty=True)
+        if not self.samples:
+            raise DatasetError(f"no images with extensions {IMG_EXTENSIONS} under {self.root}")
+        self.transform = transform
+        self.extras = extras
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+        index, seed = item
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        torch.manual_seed(seed)
+        skipped = 0
+        # A file that cannot be decoded is skipped (with a warning and a count in the
+        # metrics) in favour of the next one, so one bad JPEG never stops a run.
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = load_rgb(path)
+                break
+            except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+                skipped += 1
+                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+        else:
+            raise DatasetError(f"no readable image in {self.root}")
+        out = {"image": self.transform(img), "label": torch.tensor(label), "skipped": torch.tensor(skipped)}
+        if self.extras is not None:
+            out.update(self.extras(torch.Generator().manual_seed(seed)))
+        return out

@@ -1,0 +1,59 @@
+"""Supervised image classification with a ViT (the ViT-B/32 recipe, and fine-tuning
+of pretrained encoders). Mixup/CutMix targets arrive from the input pipeline."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mim.models import vit
+from mim.tasks import ParamRules
+
+
+def model_config(config):
+    return config.model
+
+
+def init(config, gen: torch.Generator):
+    return vit.init(gen, config.model), {}
+
+
+def cross_entropy(logits, batch, label_smoothing: float):
+    """Soft targets (mixup/cutmix, already smoothed) or hard labels with smoothing
+    (Szegedy et al. 2016)."""
+    if "soft_label" in batch:
+        return torch.sum(-batch["soft_label"] * F.log_softmax(logits.float(), -1), -1).mean()
+    return F.cross_entropy(logits.float(), batch["label"], label_smoothing=label_smoothing)
+
+
+def loss(params, model_state, batch, config, train: bool):
+    logits, _ = vit.apply(params, batch["image"], config.model, train=train)
+    value = cross_entropy(logits, batch, config.data.label_smoothing)
+    metrics = {}
+    if "soft_label" not in batch:
+        metrics["accuracy"] = (logits.argmax(-1) == batch["label"]).float().mean()
+    return value, (model_state, metrics)
+
+
+def topk_correct(logits, labels, ks=(1, 5)):
+    k = min(max(ks), logits.shape[-1])
+    top = logits.topk(k, -1).indices
+    hit = top == labels[:, None]
+    return {f"correct{kk}": hit[:, :min(kk, k)].any(-1).sum() for kk in ks}
+
+
+def evaluate(params, model_state, batch, config):
+    logits, _ = vit.apply(params, batch["image"], config.model, train=False)
+    out = topk_correct(logits, batch["label"])
+    out["loss_sum"] = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
+    out["count"] = torch.tensor(batch["label"].shape[0], device=logits.device)
+    return out
+
+
+def param_rules(config) -> ParamRules:
+    return ParamRules(num_layers=config.model.depth,
+                      layer_id=lambda n: vit.layer_id(n, config.model.depth),
+                      no_decay=("pos_embed", "cls_token", "dist_token"))
+
+
+def batch_extras(gen, config):
+    return {}

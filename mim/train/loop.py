@@ -1,0 +1,294 @@
+"""The training loop and the evaluation-only mode, for every task."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from mim import backend as backend_lib
+from mim import config as config_lib
+from mim import optim, tasks, tree
+from mim.checkpoints import io as ckpt
+from mim.checkpoints import weights
+from mim.data import pipeline
+from mim.train import metrics as metrics_lib
+from mim.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def fingerprint(config) -> dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return {"task": config.task, "model": json.loads(config.model.to_json())}
+
+
+def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def reduce_mean(values: Dict[str, torch.Tensor], be) -> Dict[str, float]:
+    names = sorted(values)
+    if not names:
+        return {}
+    v = torch.stack([values[n].float() for n in names])
+    if be.distributed:
+        dist.all_reduce(v)
+        v /= be.world_size
+    return dict(zip(names, v.tolist()))
+
+
+def schedule_for(config, total_steps: int, steps_per_epoch: int):
+    lr = config_lib.learning_rate(config)
+    o = config.optim
+    warmup = o.warmup_steps or int(round(o.warmup_epochs * steps_per_epoch))
+    if o.schedule == "cosine":
+        return optim.warmup_cosine(lr, total_steps, warmup, o.min_lr)
+    return optim.warmup_constant(lr, warmup)
+
+
+class Setup:
+    """Everything a run builds before its first step."""
+
+    def __init__(self, config, workdir: str):
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        config_lib.validate(config, world)
+        self.config, self.workdir = config, workdir
+        self.be = backend_lib.setup(config.device, config.precision, config.compile)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.task = tasks.get(config.task)
+        self.ckpt_root = os.path.join(workdir, "checkpoints")
+
+    def init_params(self):
+        c = self.config
+        params, model_state = self.task.init(c, torch.Generator().manual_seed(c.seed))
+        if c.init.checkpoint:
+            params = self.load_init(params)
+        return params, model_state
+
+    def load_init(self, params):
+        c = self.config
+        if hasattr(self.task, "load_init"):
+            return self.task.load_init(params, c)
+        if c.init.format == "mim":
+            return weights.merge_into(params, weights.mim_params(c.init.checkpoint),
+                                      source=c.init.checkpoint)
+        from mim.checkpoints import timm_vit
+        return timm_vit.load_for_finetune(params, c.init.checkpoint, c.model)
+
+
+def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]:
+    c, be, task = setup.config, setup.be, setup.task
+    if loader is None:
+        loader, _ = pipeline.eval_loader(c, be, task)
+    sums: Dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for batch in loader:
+            batch = to_device(batch, be.device)
+            with be.autocast():
+                out = task.evaluate(params, model_state, batch, c)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0) + v.double()
+    names = sorted(sums)
+    v = torch.stack([sums[n] for n in names])
+    if be.distributed:
+        dist.all_reduce(v)
+    s = dict(zip(names, v.tolist()))
+    return task.summarize(s) if hasattr(task, "summarize") else _classification_summary(s)
+
+
+def _classification_summary(s):
+    n = max(s.get("count", 0), 1)
+    out = {"count": int(s.get("count", 0))}
+    if "correct1" in s:
+        out["acc1"] = 100.0 * s["correct1"] / n
+        out["acc5"] = 100.0 * s["correct5"] / n
+    if "loss_sum" in s:
+        out["loss"] = s["loss_sum"] / n
+    return out
+
+
+def train(config, workdir: str) -> Dict[str, float]:
+    setup = Setup(config, workdir)
+    c, be, task = setup.config, setup.be, setup.task
+    if be.is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=1, sort_keys=True))
+
+    n_train = pipeline.num_train_images(c)
+    steps_per_epoch = max(n_train // c.batch_size, 1)
+    total = c.steps or max(int(round(c.epochs * steps_per_epoch)), 1)
+
+    params, model_state = setup.init_params()
+    rules = task.param_rules(c)
+    flat = tree.flatten(params)
+    trainable = optim.trainable_names(list(flat), list(rules.frozen) + list(c.optim.frozen))
+    if not trainable:
+        raise config_lib.ConfigError("config.optim.frozen: every parameter is frozen")
+    groups = optim.make_groups(
+        {n: flat[n].shape for n in trainable}, weight_decay=c.optim.weight_decay,
+        no_decay_patterns=rules.no_decay, layer_decay=c.optim.layer_decay,
+        layer_id=rules.layer_id, num_layers=rules.num_layers,
+        lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
+    opt = optim.create(c.optim.name, c.optim)
+    state = step_lib.create_state(params, model_state, opt, trainable, be)
+    del params, flat
+
+    start = 0
+    found = ckpt.latest(setup.ckpt_root)
+    if found is not None:
+        path, meta = found
+        if meta.get("fingerprint") != fingerprint(c):
+            raise ckpt.CheckpointError(
+                f"{path} was written by another experiment (task/model differ); "
+                f"use a new --workdir")
+        ckpt.restore_into(state, path)
+        start = meta["step"]
+        log.info("resumed from %s at step %d", path, start)
+    if start >= total:
+        log.info("already trained %d/%d steps", start, total)
+
+    fns = step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups,
+                         schedule_for(c, total, steps_per_epoch), be,
+                         grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None)
+    loader, train_ds, _ = pipeline.train_loader(c, be, task, start, total)
+    writer = metrics_lib.Writer(workdir, enabled=be.is_main)
+    eval_every = c.eval_every or steps_per_epoch
+    ckpt_every = c.checkpoint_every or steps_per_epoch
+    hooks = task.hooks(setup, writer) if hasattr(task, "hooks") else None
+
+    stop = {"signal": None}
+
+    def on_term(signum, frame):
+        stop["signal"] = signum
+
+    old = signal.signal(signal.SIGTERM, on_term)
+
+    def save(step_done: int):
+        if be.is_main:
+            ckpt.save(setup.ckpt_root, step_done, state,
+                      {"fingerprint": fingerprint(c), "epoch": step_done / steps_per_epoch,
+                       "data_position": {"step": step_done, "steps_per_epoch": steps_per_epoch},
+                       "seed": c.seed, "config": json.loads(c.to_json_best_effort())},
+                      c.keep_checkpoints)
+        if be.distributed:
+            dist.barrier()
+
+    sums: Dict[str, torch.Tensor] = {}
+    count = 0
+    streak = torch.zeros((), device=be.device)
+    t_log = time.perf_counter()
+    t_start = t_log
+    data_time = 0.0
+    images = 0
+    last_metrics: Dict[str, float] = {}
+    eval_metrics: Dict[str, float] = {}
+    step_i = start
+    t_data = time.perf_counter()
+    local_batch = c.batch_size // be.world_size
+    for step_i, batch in enumerate(loader, start):
+        data_time += time.perf_counter() - t_data
+        batch = to_device(batch, be.device)
+        skipped = batch.pop("skipped")
+        torch.manual_seed(backend_lib.seed_step(c.seed, step_i, be.rank))
+        state, m = fns.train_step(state, batch)
+        finite = torch.isfinite(m["loss"])
+        streak = torch.where(finite, torch.zeros_like(streak), streak + 1)
+        m = dict(m, skipped_images=skipped.float())
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        count += 1
+        images += local_batch
+        done = step_i + 1
+        if hooks is not None:
+            hooks.after_step(done, state, batch, m)
+        if done % c.log_every == 0 or done == total:
+            avg = reduce_mean({k: v / count for k, v in sums.items()}, be)
+            avg["skipped_images"] *= count  # a count, not a mean
+            if streak.item() >= c.max_nonfinite_steps:
+                raise NonFiniteLoss(
+                    f"the loss was not finite for {int(streak.item())} consecutive steps at step "
+                    f"{done}; the last good checkpoint in {setup.ckpt_root} is kept")
+            be.synchronize()
+            now = time.perf_counter()
+            img_s = images / (now - t_log)
+            avg["img_s_per_device"] = img_s
+            avg["data_wait_s"] = data_time / count
+            eta = (now - t_start) / max(done - start, 1) * (total - done)
+            if be.is_main:
+                writer.write(done, avg)
+                print(metrics_lib.progress_line(done, total, avg, img_s * be.world_size,
+                                                data_time / count, eta), flush=True)
+            last_metrics = avg
+            sums, count, images, data_time = {}, 0, 0, 0.0
+            t_log = time.perf_counter()
+        if hasattr(task, "evaluate") and (done % eval_every == 0 or done == total):
+            eval_metrics = evaluate(setup, state["params"], state["model_state"])
+            if be.is_main:
+                writer.write(done, eval_metrics, prefix="eval")
+                print("eval step %d: %s" % (done, _fmt(eval_metrics)), flush=True)
+        if done % ckpt_every == 0 or done == total:
+            save(done)
+        if stop["signal"] is not None:
+            save(done)
+            log.warning("stopped by signal %d after step %d; checkpoint written", stop["signal"], done)
+            break
+        t_data = time.perf_counter()
+
+    signal.signal(signal.SIGTERM, old)
+    elapsed = time.perf_counter() - t_start
+    steps_run = max(step_i + 1 - start, 0) if total > start else 0
+    summary = {"steps": total, "img_s_per_device": steps_run * local_batch / max(elapsed, 1e-9),
+               "final_loss": last_metrics.get("loss", float("nan")), **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+    if be.is_main:
+        writer.close()
+        print("summary: " + _fmt(summary), flush=True)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def evaluate_only(config, workdir: str) -> Dict[str, float]:
+    """``--config.mode=eval``: evaluate ``init.checkpoint`` or the workdir's latest
+    checkpoint on the eval split and print Acc@1 / Acc@5, as the references' eval scripts."""
+    setup = Setup(config, workdir)
+    c, be = setup.config, setup.be
+    params, model_state = setup.task.init(c, torch.Generator().manual_seed(c.seed))
+    if c.init.checkpoint:
+        params = setup.load_init(params)
+        source = c.init.checkpoint
+    else:
+        found = ckpt.latest(setup.ckpt_root)
+        if found is None:
+            raise FileNotFoundError(f"mode=eval needs --config.init.checkpoint or a checkpoint in "
+                                    f"{setup.ckpt_root}")
+        source = found[0]
+        saved = ckpt.load_tensors(source)
+        params = weights.merge_into(params, {k[7:]: v for k, v in saved.items() if k.startswith("params.")},
+                                    source=source)
+        ms = {k[12:]: v for k, v in saved.items() if k.startswith("model_state.")}
+        if ms:
+            model_state = tree.unflatten(ms)
+    params = tree.to(params, be.device)
+    model_state = tree.to(model_state, be.device)
+    result = evaluate(setup, params, model_state)
+    if be.is_main:
+        print(f"* Acc@1 {result.get('acc1', float('nan')):.3f} Acc@5 {result.get('acc5', float('nan')):.3f} "
+              f"loss {result.get('loss', float('nan')):.4f} ({result['count']} images, {source})", flush=True)
+    return result
+
+
+def _fmt(d):
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())

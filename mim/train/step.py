@@ -1,0 +1,177 @@
+"""The train step: ``state, metrics = train_step(state, batch)``.
+
+Gradients come from ``torch.func.grad_and_value`` over the trainable parameters;
+the optimizer updates the donated state in place; ``torch.compile`` wraps the step
+from the outside where the backend allows it. No host synchronisation happens in
+the step, except to skip an fp16 step whose gradients overflowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from mim import optim, tree
+from mim.backend import Backend
+
+# Dynamic loss scaling as torch.amp.GradScaler: start at 2**16, halve on overflow,
+# double after 2000 clean steps.
+INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
+
+
+def create_state(params: dict, model_state: dict, opt, trainable: List[str], backend: Backend) -> dict:
+    """The whole mutable training state, on the device."""
+    dev = backend.device
+    params = tree.to(params, dev)
+    flat = tree.flatten(params)
+    missing = [n for n in trainable if n not in flat]
+    if missing:
+        raise KeyError(f"trainable names not in params: {missing[:5]}")
+    state = {"step": torch.zeros((), dtype=torch.int64, device=dev)}
+    if backend.master_weights:
+        # O2: the forward sees low-precision params; the optimizer owns fp32 masters.
+        state["master"] = {n: flat[n].float().clone() for n in trainable}
+        params = tree.to(params, dtype=backend.param_dtype)
+        flat = tree.flatten(params)
+        state["opt"] = opt.init(state["master"])
+    else:
+        state["opt"] = opt.init({n: flat[n] for n in trainable})
+    state["params"] = params
+    state["model_state"] = tree.to(model_state, dev)
+    if backend.loss_scaling:
+        state["loss_scale"] = {"scale": torch.tensor(INIT_SCALE, device=dev),
+                               "good_steps": torch.zeros((), dtype=torch.int64, device=dev)}
+    return state
+
+
+@dataclasses.dataclass
+class StepFns:
+    train_step: Callable
+    grad_step: Callable
+    update_step: Callable
+
+
+def split_batch(batch: Dict[str, torch.Tensor], n: int) -> List[Dict[str, torch.Tensor]]:
+    if n == 1:
+        return [batch]
+    parts = {k: v.chunk(n, 0) for k, v in batch.items()}
+    return [{k: parts[k][i] for k in batch} for i in range(n)]
+
+
+def all_reduce_mean_(tensors: List[torch.Tensor], world: int, bucket_bytes: int = 25 << 20):
+    """Average gradients over ranks like DDP: tensors packed into ~25 MB buckets,
+    one all-reduce per bucket (``pmean`` in JAX terms)."""
+    bucket: List[torch.Tensor] = []
+    size = 0
+
+    def flush():
+        if not bucket:
+            return
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        bucket.clear()
+
+    for t in tensors:
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            flush()
+            size = 0
+    flush()
+
+
+def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
+          backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None) -> StepFns:
+    """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``."""
+    trainable = [n for g in groups for n in g.names]
+    trainable_set = set(trainable)
+
+    def scaled_loss(train_params, frozen, model_state, batch, scale):
+        params = tree.unflatten({**frozen, **train_params})
+        with backend.autocast():
+            loss, (model_state, metrics) = loss_fn(params, model_state, batch, True)
+        loss = loss.float()
+        return loss * scale / grad_accum, (loss.detach(), model_state, metrics)
+
+    grad_fn = torch.func.grad_and_value(scaled_loss, has_aux=True)
+
+    def grad_step(state, batch):
+        flat = tree.flatten(state["params"])
+        train_params = {n: flat[n] for n in trainable}
+        frozen = {n: v for n, v in flat.items() if n not in trainable_set}
+        scale = state["loss_scale"]["scale"] if "loss_scale" in state else 1.0
+        grads, losses, metrics_list = None, [], []
+        model_state = state["model_state"]
+        for micro in split_batch(batch, grad_accum):
+            g, (_, (loss, model_state, metrics)) = grad_fn(train_params, frozen, model_state, micro, scale)
+            grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+            losses.append(loss)
+            metrics_list.append(metrics)
+        state["model_state"] = model_state
+        metrics = {k: torch.stack([m[k] for m in metrics_list]).float().mean() for k in metrics_list[0]}
+        metrics["loss"] = torch.stack(losses).mean()
+        return grads, metrics
+
+    def update_step(state, grads, metrics):
+        g = [grads[n].float() if backend.master_weights else grads[n] for n in trainable]
+        if "loss_scale" in state:
+            g = torch._foreach_div(g, state["loss_scale"]["scale"])
+        if clip_grad:
+            g, norm = optim.clip_by_global_norm(g, clip_grad)
+        else:
+            norm = optim.global_norm(g)
+        lr = schedule(state["step"])
+        gd = dict(zip(trainable, g))
+        if backend.master_weights:
+            opt.update(state["master"], gd, state["opt"], lr, groups)
+            flat = tree.flatten(state["params"])
+            torch._foreach_copy_([flat[n] for n in trainable], [state["master"][n] for n in trainable])
+        else:
+            flat = tree.flatten(state["params"])
+            opt.update({n: flat[n] for n in trainable}, gd, state["opt"], lr, groups)
+        state["step"].add_(1)
+        metrics = dict(metrics, grad_norm=norm, lr=lr)
+        return state, metrics
+
+    def train_step(state, batch):
+        grads, metrics = grad_step(state, batch)
+        return update_step(state, grads, metrics)
+
+    compiled_grad, compiled_update, compiled_train = grad_step, update_step, train_step
+    if backend.compile:
+        compiled_grad = torch.compile(grad_step)
+        compiled_update = torch.compile(update_step)
+        compiled_train = torch.compile(train_step)
+
+    needs_host = backend.distributed or backend.loss_scaling
+    if not needs_host:
+        return StepFns(compiled_train, compiled_grad, compiled_update)
+
+    def host_step(state, batch):
+        grads, metrics = compiled_grad(state, batch)
+        if backend.distributed:
+            all_reduce_mean_([grads[n] for n in trainable], backend.world_size)
+        if "loss_scale" in state:
+            ls = state["loss_scale"]
+            finite = torch.stack([torch.isfinite(t).all() for t in grads.values()]).all()
+            if not finite.item():  # the one host sync: skip the step, lower the scale
+                ls["scale"].mul_(0.5)
+                ls["good_steps"].zero_()
+                state["step"].add_(1)
+                return state, dict(metrics, skipped=torch.ones((), device=ls["scale"].device))
+            ls["good_steps"].add_(1)
+            grow = (ls["good_steps"] % GROWTH_INTERVAL) == 0
+            ls["scale"].mul_(torch.where(grow, 2.0, 1.0))
+        state, metrics = compiled_update(state, grads, metrics)
+        if "loss_scale" in state:
+            metrics["loss_scale"] = state["loss_scale"]["scale"].clone()
+        return state, metrics
+
+    return StepFns(host_step, compiled_grad, compiled_update)
