@@ -11,6 +11,12 @@ import ml_collections
 from mim import backend, optim
 
 MODES = ("train", "eval")
+# init.format -> module with load_for_finetune(params, path, model_cfg); "mim" is built in.
+INIT_FORMATS = {
+    "timm": "mim.checkpoints.timm_vit",
+    "mae": "mim.checkpoints.mae",
+    "swin": "mim.checkpoints.swin",
+}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -35,7 +41,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""        # a file to start from (format set by init.format)
-    c.init.format = "timm"        # timm | mim
+    c.init.format = "timm"        # mim | timm | mae | swin (official layouts)
 
     c.model = ml_collections.ConfigDict()
 
@@ -113,7 +119,7 @@ def validate(c, world_size: int = 1) -> None:
     _one_of(c, "compile", backend.COMPILE)
     _one_of(c, "optim.name", optim.OPTIMIZERS)
     _one_of(c, "optim.schedule", optim.SCHEDULES)
-    _one_of(c, "init.format", ("timm", "mim", "official"))
+    _one_of(c, "init.format", ("mim",) + tuple(INIT_FORMATS))
     for f in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints",
               "max_nonfinite_steps"):
         _check(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")

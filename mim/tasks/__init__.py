@@ -6,6 +6,10 @@
 - ``param_rules(config) -> ParamRules`` (layer ids, frozen and no-decay patterns)
 - ``batch_extras(gen, config) -> {name: tensor}``: per-sample inputs the pipeline draws
   (MAE noise, SimMIM masks), so the step stays deterministic.
+- ``hooks(setup, writer)`` (optional): an object whose ``after_step(step, state, batch,
+  metrics)`` runs after every step on every rank (reconstruction pictures).
+- ``summarize(sums) -> metrics`` (optional): turns summed ``evaluate`` outputs into
+  metrics; the default gives acc1 / acc5 / loss from correct1, correct5, loss_sum, count.
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from typing import Callable, Optional, Sequence
 
 TASKS = {
     "classify": "mim.tasks.classify",
+    "mae_pretrain": "mim.tasks.mae_pretrain",
+    "linprobe": "mim.tasks.linprobe",
+    "simmim_pretrain": "mim.tasks.simmim_pretrain",
 }
 
 

@@ -1,6 +1,7 @@
 """The training loop and the evaluation-only mode, for every task."""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -78,14 +79,14 @@ class Setup:
         return params, model_state
 
     def load_init(self, params):
+        """Start from ``init.checkpoint``: a mim checkpoint, or an official one through
+        ``mim.checkpoints.<init.format>.load_for_finetune(params, path, model_cfg)``."""
         c = self.config
-        if hasattr(self.task, "load_init"):
-            return self.task.load_init(params, c)
         if c.init.format == "mim":
             return weights.merge_into(params, weights.mim_params(c.init.checkpoint),
                                       source=c.init.checkpoint)
-        from mim.checkpoints import timm_vit
-        return timm_vit.load_for_finetune(params, c.init.checkpoint, c.model)
+        module = importlib.import_module(config_lib.INIT_FORMATS[c.init.format])
+        return module.load_for_finetune(params, c.init.checkpoint, c.model)
 
 
 def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]:
