@@ -1,0 +1,287 @@
+"""Import and export of official Swin Transformer and SimMIM checkpoints.
+
+mim's Swin tree already uses microsoft/Swin-Transformer's key names, so importing is an
+unflatten after dropping the non-learned buffers (``relative_position_index``,
+``attn_mask``, ``relative_coords_table``) that mim recomputes. Three inputs are accepted:
+
+* Swin classification checkpoints (``{"model": state_dict}``, official layout),
+* SimMIM pre-training checkpoints (``encoder.*``, ``decoder.0.*``; microsoft/SimMIM),
+* SimMIM fine-tuning checkpoints (a plain ``SwinTransformer`` state dict),
+
+and, for convenience, timm-layout Swin weights (``layers.{i+1}.downsample``, ``head.fc``),
+mapped back to the official layout. Files are read with ``torch.load(weights_only=True)``
+or safetensors; nothing else is unpickled.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Dict, Optional
+
+import torch
+
+from mim import tree as T
+from mim.models import swin
+
+_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+_TABLE = "relative_position_bias_table"
+
+
+def read_state_dict(src) -> Dict[str, torch.Tensor]:
+    """Flat ``{name: tensor}`` from a path (``.safetensors`` or ``torch.load`` with
+    ``weights_only=True``) or an in-memory mapping; the ``"model"`` entry of a training
+    checkpoint is taken when present."""
+    if isinstance(src, Mapping):
+        obj = dict(src)
+    elif isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            obj = load_file(path, device="cpu")
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # the unpickler's refusal names the offending global
+                # The official save_checkpoint also pickles its yacs CfgNode ("config"),
+                # which weights_only rightly refuses (a dict subclass built by code).
+                raise ValueError(
+                    f"{path}: not loadable with weights_only=True ({e}). If it is an official "
+                    "training checkpoint holding a yacs 'config', re-save only "
+                    "torch.load(path, weights_only=False)['model'] where the file is trusted") from e
+    else:
+        raise ValueError(f"expected a path or a state dict, got {type(src).__name__}")
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), Mapping):
+            obj = dict(obj[key])
+            break
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint entries that are not tensors: {bad[:10]}")
+    return obj
+
+
+def _from_timm_layout(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """timm puts each patch merging at the START of the next stage and the classifier at
+    ``head.fc``; the official layout has them at the end of the stage and at ``head``."""
+    timm_merge = ("layers.0.downsample.reduction.weight" not in sd
+                  and any(re.match(r"layers\.\d+\.downsample\.", k) for k in sd))
+    if not timm_merge and not any(k.startswith("head.fc.") for k in sd):
+        return sd
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^layers\.(\d+)\.downsample",
+                   lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        out[k.replace("head.fc.", "head.")] = v
+    return out
+
+
+def _check_keys(sd: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], what: str):
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                         f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    wrong = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(sd[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"{what}: shape mismatches {wrong[:10]}")
+
+
+def expected_shapes(cfg) -> Dict[str, torch.Tensor]:
+    """Flat meta tensors of the tree ``cfg`` describes (a Swin or a SimMIM config)."""
+    with torch.device("meta"):
+        if cfg.name == "simmim":
+            from mim.models import simmim
+            return T.flatten(simmim.init(torch.Generator(), cfg))
+        return T.flatten(swin.init(torch.Generator(), cfg))
+
+
+def load_official(path_or_sd, cfg=None) -> dict:
+    """Tree from an official Swin, SimMIM pre-training or SimMIM fine-tuning checkpoint.
+
+    Buffers are dropped. With ``cfg`` (``mim.models.swin.config`` or
+    ``mim.models.simmim.config``) the keys and shapes must match ``init(cfg)`` exactly, and
+    the error names every missing and unexpected key; without it the checkpoint's own keys
+    are kept (a SimMIM pre-training checkpoint stays ``encoder.*`` / ``decoder.*``)."""
+    sd = read_state_dict(path_or_sd)
+    sd = {k: v for k, v in sd.items() if not any(b in k for b in _BUFFERS)}
+    if not any(k.startswith("encoder.") for k in sd):
+        sd = _from_timm_layout(sd)
+    if "patch_embed.proj.weight" not in sd and "encoder.patch_embed.proj.weight" not in sd:
+        raise ValueError("not a Swin/SimMIM checkpoint: no patch_embed.proj.weight "
+                         f"(first keys: {list(sd)[:5]})")
+    if cfg is None:
+        return T.unflatten(sd)
+    expected = expected_shapes(cfg)
+    _check_keys(sd, expected, f"checkpoint vs {cfg.name} config")
+    return T.unflatten({k: sd[k] for k in expected})
+
+
+def _window_of(table: torch.Tensor) -> int:
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0] or side % 2 == 0:
+        raise ValueError(f"{_TABLE} with {table.shape[0]} rows is not a (2W-1)^2 table")
+    return (side + 1) // 2
+
+
+# ----------------------------------------------------------------------------------------
+# Relative position bias interpolation (SimMIM utils.remap_pretrained_keys_swin).
+
+
+def _geometric_ratio(src_half: int, dst_half: int) -> float:
+    """Bisection for q with 1 + q + ... + q^(src_half-1) = dst_half: source offsets are
+    spread geometrically so the outermost one lands on the target's (SimMIM utils.py,
+    after BEiT). Same bounds, stopping rule and final midpoint as the reference."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** src_half) / (1.0 - q) > dst_half:
+            right = q
+        else:
+            left = q
+    return q
+
+
+def _bspline_basis(knots: torch.Tensor, u: torch.Tensor, degree: int = 3) -> torch.Tensor:
+    """``(len(u), len(knots) - degree - 1)`` B-spline basis values (Cox-de Boor), with the
+    right end of the domain belonging to the last non-empty knot interval."""
+    t = knots
+    B = ((u[:, None] >= t[None, :-1]) & (u[:, None] < t[None, 1:])).to(t.dtype)
+    last = int(torch.nonzero(t[1:] > t[:-1]).max())
+    B[u >= t[-1], :] = 0
+    B[u >= t[-1], last] = 1
+    for d in range(1, degree + 1):
+        n = len(t) - d - 1
+        den_l = t[d:d + n] - t[:n]
+        den_r = t[d + 1:d + 1 + n] - t[1:1 + n]
+        left = torch.where(den_l > 0, (u[:, None] - t[None, :n]) / den_l.clamp_min(1e-300), 0.0)
+        right = torch.where(den_r > 0, (t[None, d + 1:d + 1 + n] - u[:, None]) / den_r.clamp_min(1e-300), 0.0)
+        B = left * B[:, :n] + right * B[:, 1:n + 1]
+    return B
+
+
+def cubic_spline_weights(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``(len(u), len(x))`` matrix mapping samples at ``x`` to the interpolating cubic
+    spline evaluated at ``u`` (float64).
+
+    This is the spline FITPACK's ``regrid`` returns with ``s=0`` (what ``interp2d(kind=
+    'cubic')`` fitted on a grid): knots at ``x[2:-2]`` with 4-fold end knots, i.e. the
+    not-a-knot interpolant, evaluated with the argument clamped to ``[x[0], x[-1]]`` as
+    FITPACK's ``fpbisp`` does."""
+    if len(x) < 4:
+        raise ValueError(f"cubic interpolation needs at least 4 samples per axis, got {len(x)}")
+    knots = torch.cat([x[:1].repeat(4), x[2:-2], x[-1:].repeat(4)])
+    A = _bspline_basis(knots, x)
+    E = _bspline_basis(knots, u.clamp(x[0], x[-1]))
+    return torch.linalg.solve(A.T, E.T).T
+
+
+def interpolate_rel_pos_bias(table: torch.Tensor, src_window: int, dst_window: int) -> torch.Tensor:
+    """Resize a ``((2*src-1)^2, heads)`` relative position bias table to ``dst_window`` as
+    SimMIM's ``load_pretrained`` does when fine-tuning at another window (6 -> 7; Xie et al.
+    2022 Sec. 4.1): source offsets placed on a geometric progression reaching
+    ``dst_size // 2``, target offsets on the integers, bicubic spline (``interp2d``) per head.
+
+    scipy's ``interp2d`` is gone from recent scipy; the same tensor-product spline is
+    computed here as two 1-D spline weight matrices applied on each side of the table."""
+    src, dst = 2 * src_window - 1, 2 * dst_window - 1
+    if table.shape[0] != src * src:
+        raise ValueError(f"{_TABLE} has {table.shape[0]} rows; window {src_window} needs {src * src}")
+    if src_window == dst_window:
+        return table
+    q = _geometric_ratio(src // 2, dst // 2)
+    dis, cur = [], 1.0
+    for i in range(src // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    x = torch.tensor([-d for d in reversed(dis)] + [0.0] + dis, dtype=torch.float64)
+    t = dst // 2
+    u = torch.arange(-t, t + 0.1, 1.0, dtype=torch.float64)
+    Wm = cubic_spline_weights(x, u)                                    # (dst, src)
+    # The reference casts each head's grid to float32 before fitting.
+    z = table.detach().float().double().T.reshape(-1, src, src)        # (heads, rows, cols)
+    out = Wm @ z @ Wm.T                                                # (heads, dst, dst)
+    return out.reshape(-1, dst * dst).T.to(torch.float32).contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# SimMIM pre-training -> Swin fine-tuning, and export.
+
+
+def simmim_to_swin(tree: dict, swin_cfg, gen: Optional[torch.Generator] = None) -> dict:
+    """Fine-tuning Swin tree from a SimMIM pre-training tree (SimMIM ``load_pretrained``):
+    strip ``encoder.``, drop ``mask_token`` and the decoder, interpolate each relative
+    position bias table whose window differs, and take parameters absent from the
+    checkpoint (the classifier ``head``) from ``swin.init(gen, swin_cfg)``.
+
+    Unlike the reference's ``strict=False`` load, any other missing or unexpected key, and
+    any shape mismatch, is an error naming the keys."""
+    flat = T.flatten(tree)
+    if any(k.startswith("encoder.") for k in flat):
+        flat = {k[len("encoder."):]: v for k, v in flat.items() if k.startswith("encoder.")}
+    flat = {k: v for k, v in flat.items() if k != "mask_token" and not any(b in k for b in _BUFFERS)}
+    fresh = T.flatten(swin.init(gen if gen is not None else torch.Generator().manual_seed(0), swin_cfg))
+    missing = [k for k in fresh if k not in flat and not k.startswith("head.")]
+    unexpected = [k for k in flat if k not in fresh]
+    if missing or unexpected:
+        raise ValueError(f"SimMIM tree vs Swin config: missing keys {missing[:10]}, "
+                         f"unexpected keys {unexpected[:10]}")
+    out = {}
+    for k, init_value in fresh.items():
+        v = flat.get(k)
+        if v is None:
+            out[k] = init_value
+            continue
+        if k.endswith(_TABLE) and v.shape != init_value.shape:
+            if v.shape[1] != init_value.shape[1]:
+                raise ValueError(f"{k}: {v.shape[1]} heads in the checkpoint, "
+                                 f"{init_value.shape[1]} in the config")
+            v = interpolate_rel_pos_bias(v, _window_of(v), _window_of(init_value)).to(v.dtype)
+        if v.shape != init_value.shape:
+            if k.startswith("head."):
+                v = init_value  # another label set: a fresh classifier, as the reference's head
+            else:
+                raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, "
+                                 f"{tuple(init_value.shape)} in the config")
+        out[k] = v
+    return T.unflatten(out)
+
+
+def _buffers_for(cfg) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per block prefix, the official buffers for ``cfg`` at ``cfg.img_size``."""
+    out = {}
+    for i, (H, W, window, shift) in enumerate(swin.stage_geometry(cfg, cfg.img_size, cfg.img_size)):
+        for j in range(cfg.depths[i]):
+            b = {"attn.relative_position_index": swin.relative_position_index(window).clone()}
+            if j % 2 and shift:
+                b["attn_mask"] = swin.shift_attn_mask(H, W, window, shift).clone()
+            out[f"layers.{i}.blocks.{j}."] = b
+    return out
+
+
+def export_official(tree: dict, cfg=None) -> Dict[str, torch.Tensor]:
+    """Flat official state dict. With ``cfg`` (Swin, or SimMIM with a Swin encoder) the
+    buffers the official modules register (``relative_position_index``, the shifted blocks'
+    ``attn_mask``) are added in their places, so ``load_state_dict(strict=True)`` on
+    microsoft's ``SwinTransformer`` / ``SimMIM`` succeeds."""
+    flat = T.flatten(tree)
+    if cfg is None:
+        return dict(flat)
+    prefix = ""
+    if cfg.name == "simmim":
+        if cfg.encoder.name != "swin":
+            return dict(flat)
+        prefix, cfg = "encoder.", cfg.encoder
+    buffers = {prefix + k: v for k, v in _buffers_for(cfg).items()}
+    out = {}
+    for k, v in flat.items():
+        m = re.match(r"(.*layers\.\d+\.blocks\.\d+\.)(.*)", k)
+        block = buffers[m.group(1)] if m else {}
+        if m and m.group(2) == "norm1.weight" and "attn_mask" in block:
+            out[m.group(1) + "attn_mask"] = block["attn_mask"]  # a module's own buffers precede its children
+        out[k] = v
+        if m and m.group(2) == "attn." + _TABLE:
+            out[m.group(1) + "attn.relative_position_index"] = block["attn.relative_position_index"]
+    return out
