@@ -103,6 +103,8 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
     grad_fn = torch.func.grad_and_value(scaled_loss, has_aux=True)
 
     def grad_step(state, batch):
+        if backend.master_weights:  # O2: inputs in the parameters' precision
+            batch = {k: v.to(backend.param_dtype) if v.is_floating_point() else v for k, v in batch.items()}
         flat = tree.flatten(state["params"])
         train_params = {n: flat[n] for n in trainable}
         frozen = {n: v for n, v in flat.items() if n not in trainable_set}
