@@ -9,7 +9,6 @@ input size whose stage resolutions the window divides runs with the same tree.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Tuple
 
 import ml_collections
@@ -75,6 +74,20 @@ def stride(cfg) -> int:
 # --------------------------------------------------------------------------- geometry
 
 
+_CACHE: dict = {}
+
+
+def _cached(fn, *key):
+    """Eager calls reuse the buffers per (shape, device); under torch.compile they are
+    traced (and constant-folded) instead, since Dynamo cannot guard on a cache."""
+    if torch.compiler.is_compiling():
+        return fn(*key)
+    k = (fn.__name__,) + key
+    if k not in _CACHE:
+        _CACHE[k] = fn(*key)
+    return _CACHE[k]
+
+
 def window_and_shift(resolution: Tuple[int, int], window: int) -> Tuple[int, int]:
     """Window and shift for a stage: when the feature map is no larger than the window,
     one window covers it and shifting would change nothing (official ``SwinTransformerBlock``
@@ -108,23 +121,22 @@ def stage_geometry(cfg, height: int, width: int) -> List[Tuple[int, int, int, in
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _relative_position_index_cpu(window: int) -> torch.Tensor:
+def _relative_position_index(window: int, device) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
     coords = coords.flatten(1)                                  # (2, N)
     rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), shifted to >= 0
     # Row-major index into the (2W-1) x (2W-1) table (Liu et al. 2021 Sec. 3.2, eq. 4).
-    return rel[0] * (2 * window - 1) + rel[1]
+    return (rel[0] * (2 * window - 1) + rel[1]).to(device)
 
 
 def relative_position_index(window: int, device=None) -> torch.Tensor:
     """``(N, N)`` index of each token pair into ``relative_position_bias_table``; equals the
-    official ``relative_position_index`` buffer."""
-    return _relative_position_index_cpu(window).to(device)
+    official ``relative_position_index`` buffer. Cached per (window, device): do not
+    modify it in place."""
+    return _cached(_relative_position_index, window, torch.device(device or "cpu"))
 
 
-@functools.lru_cache(maxsize=None)
-def _shift_attn_mask_cpu(H: int, W: int, window: int, shift: int) -> torch.Tensor:
+def _shift_attn_mask(H: int, W: int, window: int, shift: int, device) -> torch.Tensor:
     def labels(n):
         # Three bands after the cyclic shift: untouched, last window before the wrap,
         # and the wrapped-in strip of width `shift` (Liu et al. 2021 Sec. 3.2, Fig. 4).
@@ -135,13 +147,14 @@ def _shift_attn_mask_cpu(H: int, W: int, window: int, shift: int) -> torch.Tenso
     region = region.view(H // window, window, W // window, window).permute(0, 2, 1, 3)
     region = region.reshape(-1, window * window)                  # (nW, N)
     different = region[:, :, None] != region[:, None, :]
-    return different.float() * _SHIFT_MASK_VALUE
+    return (different.float() * _SHIFT_MASK_VALUE).to(device)
 
 
 def shift_attn_mask(H: int, W: int, window: int, shift: int, device=None) -> torch.Tensor:
     """``(num_windows, N, N)`` additive mask keeping attention inside each sub-window of a
-    cyclically shifted window; equals the official ``attn_mask`` buffer."""
-    return _shift_attn_mask_cpu(H, W, window, shift).to(device)
+    cyclically shifted window; equals the official ``attn_mask`` buffer. Cached per
+    (shape, device): do not modify it in place."""
+    return _cached(_shift_attn_mask, H, W, window, shift, torch.device(device or "cpu"))
 
 
 # --------------------------------------------------------------------------- init
