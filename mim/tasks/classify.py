@@ -1,20 +1,26 @@
-"""Supervised image classification with a ViT (the ViT-B/32 recipe, and fine-tuning
-of pretrained encoders). Mixup/CutMix targets arrive from the input pipeline."""
+"""Supervised image classification (the ViT-B/32 recipe, and fine-tuning of pretrained
+ViT and Swin encoders). Mixup/CutMix targets arrive from the input pipeline.
+``config.model.name`` picks the backbone: "vit" or "swin"."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mim.models import vit
+from mim.models import swin, vit
 from mim.tasks import ParamRules
 
+MODELS = {"vit": vit, "swin": swin}
 
-def model_config(config):
-    return config.model
+
+def model(config):
+    name = config.model.get("name", "vit")
+    if name not in MODELS:
+        raise ValueError(f"config.model.name={name!r}: must be one of {sorted(MODELS)}")
+    return MODELS[name]
 
 
 def init(config, gen: torch.Generator):
-    return vit.init(gen, config.model), {}
+    return model(config).init(gen, config.model), {}
 
 
 def cross_entropy(logits, batch, label_smoothing: float):
@@ -26,7 +32,7 @@ def cross_entropy(logits, batch, label_smoothing: float):
 
 
 def loss(params, model_state, batch, config, train: bool):
-    logits, _ = vit.apply(params, batch["image"], config.model, train=train)
+    logits, _ = model(config).apply(params, batch["image"], config.model, train=train)
     value = cross_entropy(logits, batch, config.data.label_smoothing)
     metrics = {}
     if "soft_label" not in batch:
@@ -42,7 +48,7 @@ def topk_correct(logits, labels, ks=(1, 5)):
 
 
 def evaluate(params, model_state, batch, config):
-    logits, _ = vit.apply(params, batch["image"], config.model, train=False)
+    logits, _ = model(config).apply(params, batch["image"], config.model, train=False)
     out = topk_correct(logits, batch["label"])
     out["loss_sum"] = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
     out["count"] = torch.tensor(batch["label"].shape[0], device=logits.device)
@@ -50,8 +56,13 @@ def evaluate(params, model_state, batch, config):
 
 
 def param_rules(config) -> ParamRules:
-    return ParamRules(num_layers=config.model.depth,
-                      layer_id=lambda n: vit.layer_id(n, config.model.depth),
+    m = config.model
+    if model(config) is swin:
+        # SimMIM fine-tuning: no decay on the absolute position embedding and the
+        # relative position bias tables; layer ids as its get_swin_layer.
+        return ParamRules(num_layers=sum(m.depths), layer_id=lambda n: swin.layer_id(n, m),
+                          no_decay=("absolute_pos_embed", "relative_position_bias_table"))
+    return ParamRules(num_layers=m.depth, layer_id=lambda n: vit.layer_id(n, m.depth),
                       no_decay=("pos_embed", "cls_token", "dist_token"))
 
 
