@@ -1,0 +1,117 @@
+"""End to end through ``python -m mim.main``: the tiny ViT learns, a killed run resumes
+to the same parameters, eval mode, and bad configs fail before any work."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import ROOT
+
+TINY = os.path.join(ROOT, "experiments", "vit_b32.py") + ":tiny"
+FAST = ["--config.data.num_workers=0", "--config.batch_size=32", "--config.eval_batch_size=500"]
+
+
+def run_main(workdir, *overrides, config=TINY, check=True, timeout=600):
+    cmd = [sys.executable, "-m", "mim.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _params(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    last = sorted(os.listdir(d))[-1]
+    return safetensors.torch.load_file(os.path.join(d, last, "state.safetensors"))
+
+
+def test_tiny_vit_learns_and_writes_outputs(tmp_path):
+    """180 steps of 32 images (about 1.4 epochs): clearly above the 10% of chance."""
+    p = run_main(tmp_path, *FAST, "--config.steps=180", "--config.optim.warmup_steps=20",
+                 "--config.eval_every=180")
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["eval_acc1"] > 25.0, p.stdout[-2000:]
+    assert "img/s" in p.stdout and "eta" in p.stdout and "summary:" in p.stdout
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert any("eval/acc1" in r for r in rows) and any("train/loss" in r for r in rows)
+    assert os.listdir(tmp_path / "tb")
+    assert json.load(open(tmp_path / "config.json"))["task"] == "classify"
+
+    e = run_main(tmp_path, "--config.mode=eval", *FAST)
+    assert "* Acc@1" in e.stdout
+    acc = float(e.stdout.split("* Acc@1")[1].split()[0])
+    assert abs(acc - summary["eval_acc1"]) < 1e-6
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    common = [*FAST, "--config.steps=24", "--config.checkpoint_every=4", "--config.log_every=4",
+              "--config.eval_every=1000", "--config.deterministic=True", "--config.keep_checkpoints=2"]
+    straight = tmp_path / "straight"
+    run_main(straight, *common)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mim.main", f"--config={TINY}", f"--workdir={killed}", *common]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckdir = killed / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if ckdir.exists() and any(n.startswith("step_00000012") for n in os.listdir(ckdir)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(n for n in os.listdir(ckdir) if n.startswith("step_"))
+    assert steps and steps[-1] < "step_00000024", steps
+    p = run_main(killed, *common)
+    assert "resumed from" in p.stderr
+    a, b = _params(straight), _params(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "mim.main", f"--config={TINY}", f"--workdir={tmp_path}", *FAST,
+           "--config.steps=100000", "--config.checkpoint_every=100000", "--config.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    steps = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert len(steps) == 1 and int(steps[0][5:]) >= 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optim.nme=sgd", "nme"),
+    ("--config.optim.name=adam", "config.optim.name: 'adam' is not one of"),
+    ("--config.precision=fp8", "config.precision: 'fp8' is not one of"),
+    ("--config.batch_size=30", "does not split into 1 rank(s) x 4 accumulation"),
+    ("--config.data.path=/nonexistent/data", "dataset split not found: /nonexistent/data/train"),
+    ("--config.optim.layer_decay=1.5", "config.optim.layer_decay"),
+    ("--config.model.num_heads=3", "config.model.num_heads: 3 does not divide model.embed_dim=128"),
+])
+def test_bad_configs_fail_with_a_message_naming_the_field(tmp_path, override, message):
+    extra = ["--config.grad_accum=4"] if "batch_size" in override else []
+    p = run_main(tmp_path, override, *extra, check=False, timeout=120)
+    assert p.returncode != 0
+    assert message in p.stderr + p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_workdir_and_foreign_checkpoint_are_errors(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mim.main", f"--config={TINY}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "workdir" in p.stderr
+    run_main(tmp_path, *FAST, "--config.steps=2", "--config.eval_every=1000")
+    p = run_main(tmp_path, *FAST, "--config.steps=4", "--config.model.depth=2", check=False)
+    assert p.returncode != 0 and "another experiment" in p.stderr
