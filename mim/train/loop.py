@@ -20,6 +20,7 @@ from mim.checkpoints import io as ckpt
 from mim.checkpoints import weights
 from mim.data import pipeline
 from mim.train import metrics as metrics_lib
+from mim.train import sharding as sharding_lib
 from mim.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,15 @@ def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.double()
     names = sorted(sums)
-    v = torch.stack([sums[n] for n in names])
+    if be.distributed:
+        # A rank whose share of a small split is empty has no sums: agree on the names.
+        everyone = [None] * be.world_size
+        dist.all_gather_object(everyone, names)
+        names = sorted(set().union(*everyone))
+    if not names:
+        return _classification_summary({})
+    v = torch.stack([sums[n] if n in sums else torch.zeros((), dtype=torch.float64, device=be.device)
+                     for n in names])
     if be.distributed:
         dist.all_reduce(v)
     s = dict(zip(names, v.tolist()))
@@ -144,8 +153,12 @@ def train(config, workdir: str) -> Dict[str, float]:
         layer_id=rules.layer_id, num_layers=rules.num_layers,
         lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
     opt = optim.create(c.optim.name, c.optim)
-    state = step_lib.create_state(params, model_state, opt, trainable, be)
+    shard = sharding_lib.create(c.sharding, {n: flat[n].shape for n in trainable}, be)
+    state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard)
     del params, flat
+    log.info("rank %d: optimizer state %d bytes (sharding=%s, %d rank(s))", be.rank,
+             sharding_lib.nbytes(state["opt"]) + sharding_lib.nbytes(state.get("master", {})),
+             c.sharding if shard is not None else "none", be.world_size)
 
     start = 0
     found = ckpt.latest(setup.ckpt_root)
@@ -155,7 +168,8 @@ def train(config, workdir: str) -> Dict[str, float]:
             raise ckpt.CheckpointError(
                 f"{path} was written by another experiment (task/model differ); "
                 f"use a new --workdir")
-        ckpt.restore_into(state, path)
+        # Checkpoints hold the whole state: any number of ranks, sharded or not, resumes.
+        (shard.restore_into if shard is not None else ckpt.restore_into)(state, path)
         start = meta["step"]
         log.info("resumed from %s at step %d", path, start)
     if start >= total:
@@ -163,7 +177,8 @@ def train(config, workdir: str) -> Dict[str, float]:
 
     fns = step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups,
                          schedule_for(c, total, steps_per_epoch), be,
-                         grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None)
+                         grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
+                         sharding=shard)
     loader, train_ds, _ = pipeline.train_loader(c, be, task, start, total)
     writer = metrics_lib.Writer(workdir, enabled=be.is_main)
     eval_every = c.eval_every or steps_per_epoch
@@ -178,8 +193,10 @@ def train(config, workdir: str) -> Dict[str, float]:
     old = signal.signal(signal.SIGTERM, on_term)
 
     def save(step_done: int):
+        # Sharded slices are gathered by every rank; only rank 0 writes.
+        whole = shard.full_state(state) if shard is not None else state
         if be.is_main:
-            ckpt.save(setup.ckpt_root, step_done, state,
+            ckpt.save(setup.ckpt_root, step_done, whole,
                       {"fingerprint": fingerprint(c), "epoch": step_done / steps_per_epoch,
                        "data_position": {"step": step_done, "steps_per_epoch": steps_per_epoch},
                        "seed": c.seed, "config": json.loads(c.to_json_best_effort())},
@@ -242,9 +259,19 @@ def train(config, workdir: str) -> Dict[str, float]:
                 print("eval step %d: %s" % (done, _fmt(eval_metrics)), flush=True)
         if done % ckpt_every == 0 or done == total:
             save(done)
-        if stop["signal"] is not None:
+        stopping = stop["signal"] is not None
+        if be.distributed:
+            # Every rank must stop at the same step (saving is collective): a signal
+            # that reached any rank takes effect at the next log step, on all of them.
+            if done % c.log_every == 0 or done == total:
+                flag = torch.tensor(float(stopping), device=be.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = flag.item() > 0
+            else:
+                stopping = False
+        if stopping:
             save(done)
-            log.warning("stopped by signal %d after step %d; checkpoint written", stop["signal"], done)
+            log.warning("stopped by signal %s after step %d; checkpoint written", stop["signal"], done)
             break
         t_data = time.perf_counter()
 

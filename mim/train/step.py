@@ -21,8 +21,11 @@ from mim.backend import Backend
 INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
 
 
-def create_state(params: dict, model_state: dict, opt, trainable: List[str], backend: Backend) -> dict:
-    """The whole mutable training state, on the device."""
+def create_state(params: dict, model_state: dict, opt, trainable: List[str], backend: Backend,
+                 sharding=None) -> dict:
+    """The whole mutable training state, on the device. With a
+    :class:`mim.train.sharding.Sharding`, the optimizer state and master weights hold
+    this rank's slices only."""
     dev = backend.device
     params = tree.to(params, dev)
     flat = tree.flatten(params)
@@ -33,11 +36,14 @@ def create_state(params: dict, model_state: dict, opt, trainable: List[str], bac
     if backend.master_weights:
         # O2: the forward sees low-precision params; the optimizer owns fp32 masters.
         state["master"] = {n: flat[n].float().clone() for n in trainable}
+        if sharding is not None:
+            state["master"] = sharding.local_tree(state["master"])
         params = tree.to(params, dtype=backend.param_dtype)
         flat = tree.flatten(params)
         state["opt"] = opt.init(state["master"])
     else:
-        state["opt"] = opt.init({n: flat[n] for n in trainable})
+        train = {n: flat[n] for n in trainable}
+        state["opt"] = opt.init(sharding.local_tree(train) if sharding is not None else train)
     state["params"] = params
     state["model_state"] = tree.to(model_state, dev)
     if backend.loss_scaling:
@@ -60,36 +66,56 @@ def split_batch(batch: Dict[str, torch.Tensor], n: int) -> List[Dict[str, torch.
     return [{k: parts[k][i] for k in batch} for i in range(n)]
 
 
-def all_reduce_mean_(tensors: List[torch.Tensor], world: int, bucket_bytes: int = 25 << 20):
-    """Average gradients over ranks like DDP: tensors packed into ~25 MB buckets,
-    one all-reduce per bucket (``pmean`` in JAX terms)."""
-    bucket: List[torch.Tensor] = []
+def all_reduce_mean(tensors: List[torch.Tensor], world: int,
+                    bucket_bytes: int = 25 << 20) -> List[torch.Tensor]:
+    """Average gradients over ranks like DDP: tensors packed into ~25 MB buckets of one
+    dtype, one all-reduce per bucket (``pmean`` in JAX terms). Returns views into the
+    reduced buckets, so no copy goes back (``torch.func`` may return expanded,
+    stride-0 gradients that cannot be written in place).
+
+    Unlike DDP, the reduction cannot overlap the backward pass: ``torch.func.grad``
+    hands back the whole gradient tree at once, so the buckets are reduced after it."""
+    out: List[torch.Tensor] = [None] * len(tensors)
+    bucket: List[int] = []
     size = 0
 
     def flush():
         if not bucket:
             return
-        flat = torch.cat([t.reshape(-1) for t in bucket])
+        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
         dist.all_reduce(flat)
         flat.div_(world)
         offset = 0
-        for t in bucket:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        for i in bucket:
+            t = tensors[i]
+            out[i] = flat[offset:offset + t.numel()].view(t.shape)
             offset += t.numel()
         bucket.clear()
 
-    for t in tensors:
-        bucket.append(t)
-        size += t.numel() * t.element_size()
-        if size >= bucket_bytes:
+    for i, t in enumerate(tensors):
+        if bucket and (size >= bucket_bytes or t.dtype != tensors[bucket[0]].dtype):
             flush()
             size = 0
+        bucket.append(i)
+        size += t.numel() * t.element_size()
     flush()
+    return out
+
+
+def all_reduce_mean_(tensors: List[torch.Tensor], world: int, bucket_bytes: int = 25 << 20):
+    """In-place :func:`all_reduce_mean` (the tensors must be writable)."""
+    for t, r in zip(tensors, all_reduce_mean(tensors, world, bucket_bytes)):
+        t.copy_(r)
 
 
 def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
-          backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None) -> StepFns:
-    """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``."""
+          backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None,
+          sharding=None) -> StepFns:
+    """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``.
+
+    On several ranks the gradients are averaged between ``grad_step`` and
+    ``update_step``; with a :class:`mim.train.sharding.Sharding` they are
+    reduce-scattered and each rank updates its slice (see that module)."""
     trainable = [n for g in groups for n in g.names]
     trainable_set = set(trainable)
 
@@ -156,14 +182,38 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
     if not needs_host:
         return StepFns(compiled_train, compiled_grad, compiled_update)
 
+    def sharded_update(state, grads, metrics):
+        """``update_step`` on this rank's slices, then the slices are all-gathered."""
+        g = [grads[n].float() if backend.master_weights else grads[n] for n in trainable]
+        if "loss_scale" in state:
+            g = torch._foreach_div(g, state["loss_scale"]["scale"])
+        norm = sharding.global_norm(g)
+        if clip_grad:  # as optim.clip_by_global_norm, with the norm over all slices
+            coef = torch.clamp(clip_grad / (norm + 1e-6), max=1.0)
+            g = torch._foreach_mul(g, coef.to(g[0].dtype))
+        lr = schedule(state["step"])
+        flat = tree.flatten(state["params"])
+        full = {n: flat[n] for n in trainable}
+        shards = state["master"] if backend.master_weights else sharding.local_tree(full)
+        opt.update(shards, dict(zip(trainable, g)), state["opt"], lr, groups)
+        sharding.all_gather_into_(shards, full)
+        state["step"].add_(1)
+        return state, dict(metrics, grad_norm=norm, lr=lr)
+
     def host_step(state, batch):
         grads, metrics = compiled_grad(state, batch)
-        if backend.distributed:
-            all_reduce_mean_([grads[n] for n in trainable], backend.world_size)
+        if sharding is not None:
+            grads = sharding.reduce_scatter_mean({n: grads[n] for n in trainable})
+        elif backend.distributed:
+            grads = dict(zip(trainable, all_reduce_mean([grads[n] for n in trainable],
+                                                        backend.world_size)))
         if "loss_scale" in state:
             ls = state["loss_scale"]
-            finite = torch.stack([torch.isfinite(t).all() for t in grads.values()]).all()
-            if not finite.item():  # the one host sync: skip the step, lower the scale
+            if sharding is not None:
+                finite = sharding.all_finite([grads[n] for n in trainable])
+            else:
+                finite = torch.stack([torch.isfinite(t).all() for t in grads.values()]).all().item()
+            if not finite:  # the one host sync: skip the step, lower the scale
                 ls["scale"].mul_(0.5)
                 ls["good_steps"].zero_()
                 state["step"].add_(1)
@@ -171,7 +221,10 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
             ls["good_steps"].add_(1)
             grow = (ls["good_steps"] % GROWTH_INTERVAL) == 0
             ls["scale"].mul_(torch.where(grow, 2.0, 1.0))
-        state, metrics = compiled_update(state, grads, metrics)
+        if sharding is not None:
+            state, metrics = sharded_update(state, grads, metrics)
+        else:
+            state, metrics = compiled_update(state, grads, metrics)
         if "loss_scale" in state:
             metrics["loss_scale"] = state["loss_scale"]["scale"].clone()
         return state, metrics

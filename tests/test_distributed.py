@@ -1,0 +1,316 @@
+"""Data-parallel training in real processes (gloo on CPU, launched by torchrun):
+
+- 2 ranks train to the same parameters as 1 rank with the same global batch;
+- only rank 0 writes metrics and checkpoints, evaluation counts every image once
+  (7 images over 2 ranks);
+- a checkpoint resumes with another number of ranks (2 -> 1 and 1 -> 2);
+- ZeRO-1 sharding gives the same losses with about half the optimizer state per rank;
+- two "nodes" meet through torchrun's c10d rendezvous on 127.0.0.1;
+- the batch-size error names the world size.
+
+A tiny ViT on a 48-image, 3-class folder keeps each run to a few seconds of compute.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import BUNDLED, ROOT
+
+TINY = os.path.join(ROOT, "experiments", "vit_b32.py") + ":tiny"
+STEPS = 4
+CLASSES = ("airplane", "cat", "ship")
+# Global batch 16 over 48 images: 3 steps per epoch, so 4 steps cross an epoch boundary.
+COMMON = ["--config.data.num_workers=0", "--config.batch_size=16", "--config.eval_batch_size=8",
+          f"--config.steps={STEPS}", "--config.log_every=1", "--config.checkpoint_every=2",
+          "--config.eval_every=1000", "--config.optim.warmup_steps=1", "--config.model.depth=2",
+          "--config.model.embed_dim=64", "--config.model.num_heads=2", "--config.model.num_classes=3",
+          # SGD (with momentum, clipping at norm 1) is linear in the gradient, so the rounding
+          # of a different reduction order stays at rounding level. AdamW divides by the
+          # gradient's own size and amplifies it where the exact gradient is zero (the key
+          # bias of attention, softmax being shift-invariant): there 1 and 2 ranks differ by
+          # lr per step. Sharded AdamW is compared with unsharded AdamW on equal ranks below.
+          "--config.optim.name=sgd", "--config.optim.lr=0.05"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """16 training images per class; 7 eval images, which 2 ranks cannot split evenly."""
+    root = tmp_path_factory.mktemp("folder")
+    for i, cls in enumerate(CLASSES):
+        for split, n in (("train", 16), ("val", 3 if i == 0 else 2)):
+            src = os.path.join(BUNDLED, split, cls)
+            dst = root / split / cls
+            dst.mkdir(parents=True)
+            for name in sorted(os.listdir(src))[:n]:
+                shutil.copy(os.path.join(src, name), dst / name)
+    return str(root)
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _check(p, cmd):
+    if p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def train(workdir, data, *overrides, nproc=1, timeout=300):
+    main = ["-m", "mim.main", f"--config={TINY}", f"--workdir={workdir}",
+            f"--config.data.path={data}", *COMMON, *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, *main]
+    else:
+        cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *main]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
+    return _check(p, cmd)
+
+
+def state(workdir, step=STEPS):
+    path = os.path.join(workdir, "checkpoints", f"step_{step:08d}", "state.safetensors")
+    return safetensors.torch.load_file(path)
+
+
+def assert_close_states(a, b, rel=1e-5, prefixes=("params.", "opt.")):
+    """Per tensor, ||a - b|| <= rel * ||a|| (float rounding differs with the reduction order)."""
+    keys = [k for k in a if k.startswith(prefixes)]
+    assert keys and set(keys) == {k for k in b if k.startswith(prefixes)}
+    for k in keys:
+        x, y = a[k].double(), b[k].double()
+        err = (x - y).norm().item()
+        assert err <= rel * max(x.norm().item(), 1e-12), (k, err, x.norm().item())
+
+
+def metric_rows(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def losses(workdir):
+    return [r["train/loss"] for r in metric_rows(workdir) if "train/loss" in r]
+
+
+def opt_bytes(stderr):
+    """{rank: bytes} from the ``rank R: optimizer state N bytes`` lines every rank logs."""
+    return {int(r): int(n) for r, n in re.findall(r"rank (\d+): optimizer state (\d+) bytes", stderr)}
+
+
+def resume_from(src_workdir, dst_workdir, step=2):
+    """A fresh workdir holding only ``src``'s checkpoint of ``step``."""
+    ck = os.path.join(dst_workdir, "checkpoints")
+    os.makedirs(ck)
+    name = f"step_{step:08d}"
+    shutil.copytree(os.path.join(src_workdir, "checkpoints", name), os.path.join(ck, name))
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, data):
+    wd = tmp_path_factory.mktemp("one_rank")
+    p = train(wd, data)
+    return wd, p
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, data):
+    wd = tmp_path_factory.mktemp("two_ranks")
+    p = train(wd, data, nproc=2)
+    return wd, p
+
+
+def test_two_ranks_train_like_one(one_rank, two_ranks):
+    """Same global batch and seed: the same parameters and optimizer state, whether 1 or 2
+    processes ran (the tiny ViT has no dropout, drop-path, mixup or BatchNorm, whose
+    draws are per rank)."""
+    (w1, _), (w2, _) = one_rank, two_ranks
+    assert_close_states(state(w1), state(w2))
+    for a, b in zip(losses(w1), losses(w2)):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_only_rank0_writes_and_eval_counts_every_image_once(two_ranks):
+    wd, p = two_ranks
+    rows = metric_rows(wd)
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == list(range(1, STEPS + 1))  # one writer: no row twice
+    evals = [r for r in rows if "eval/count" in r]
+    assert len(evals) == 1 and evals[0]["eval/count"] == 7  # 4 + 3 images, none doubled
+    assert len(os.listdir(os.path.join(wd, "tb"))) == 1
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["step_00000002", "step_00000004"]
+    assert p.stdout.count("summary:") == 1 and p.stdout.count(f"step {STEPS}/{STEPS}") == 1
+    # Both ranks ran (each logs its optimizer state) though only one wrote.
+    assert set(opt_bytes(p.stderr)) == {0, 1}
+
+
+def test_resume_with_another_number_of_ranks(tmp_path, data, one_rank, two_ranks):
+    """The data position is the global step and checkpoints hold the whole state, so a
+    2-rank checkpoint resumes on 1 rank, and a 1-rank checkpoint on 2 ranks."""
+    (w1, _), (w2, _) = one_rank, two_ranks
+    down, up = tmp_path / "2to1", tmp_path / "1to2"
+    resume_from(w2, down)
+    p = train(down, data)
+    assert "resumed from" in p.stderr
+    resume_from(w1, up)
+    p = train(up, data, nproc=2)
+    assert "resumed from" in p.stderr
+    assert_close_states(state(w1), state(down))
+    assert_close_states(state(w1), state(up))
+
+
+def test_zero1_sharding_same_losses_half_the_optimizer_state(tmp_path, data, one_rank, two_ranks):
+    (w1, _), (w2, p2) = one_rank, two_ranks
+    ws = tmp_path / "zero1"
+    p = train(ws, data, "--config.sharding=zero1", nproc=2)
+    for a, b in zip(losses(w2), losses(ws)):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert len(losses(ws)) == STEPS
+    # The checkpoint is gathered to the whole state: it matches the unsharded runs.
+    assert_close_states(state(w1), state(ws))
+    full, sharded = opt_bytes(p2.stderr), opt_bytes(p.stderr)
+    assert set(sharded) == {0, 1}
+    for r in (0, 1):
+        # AdamW's two moments per parameter, sliced in two (plus padding and the step count)
+        assert 0.49 < sharded[r] / full[r] < 0.52, (sharded, full)
+    # A sharded run resumes from a 1-rank checkpoint, and a 1-rank run from a sharded one.
+    up, down = tmp_path / "1to2_zero1", tmp_path / "zero1_to1"
+    resume_from(w1, up)
+    assert "resumed from" in train(up, data, "--config.sharding=zero1", nproc=2).stderr
+    resume_from(ws, down)
+    assert "resumed from" in train(down, data).stderr
+    assert_close_states(state(w1), state(up))
+    assert_close_states(state(w1), state(down))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_through_c10d_rendezvous(tmp_path, data, one_rank):
+    """Two torchrun agents, one process each, as the 2 nodes of multi_node.sh; they share
+    the workdir as nodes share a file system."""
+    port = _free_port()
+    main = ["-m", "mim.main", f"--config={TINY}", f"--workdir={tmp_path}",
+            f"--config.data.path={data}", *COMMON]
+    procs = []
+    for node in (0, 1):
+        cmd = [*TORCHRUN, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mim-test",
+               *main]
+        procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, env=_env())))
+    outs = []
+    for cmd, proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for _, q in procs:
+                q.kill()
+            raise
+        outs.append(_check(subprocess.CompletedProcess(cmd, proc.returncode, out, err), cmd))
+    assert sum(o.stdout.count("summary:") for o in outs) == 1
+    assert [r["step"] for r in metric_rows(tmp_path) if "train/loss" in r] == list(range(1, STEPS + 1))
+    assert_close_states(state(one_rank[0]), state(tmp_path))
+
+
+def test_batch_that_does_not_split_over_ranks_is_a_config_error(data):
+    import importlib.util
+    from mim import config as config_lib
+    spec = importlib.util.spec_from_file_location("vit_b32", TINY.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.data.path = data
+    c.batch_size = 30
+    with pytest.raises(config_lib.ConfigError, match=r"config.batch_size: 30 does not split into "
+                                                     r"4 rank\(s\) x 1 accumulation step\(s\)"):
+        config_lib.validate(c, world_size=4)
+    c.batch_size, c.grad_accum = 32, 3
+    with pytest.raises(config_lib.ConfigError, match=r"2 rank\(s\) x 3 accumulation"):
+        config_lib.validate(c, world_size=2)
+    c.grad_accum = 1
+    config_lib.validate(c, world_size=8)  # 4 images per rank
+    c.sharding = "zero1"
+    c.optim.name = "lars"
+    with pytest.raises(config_lib.ConfigError, match="config.sharding"):
+        config_lib.validate(c, world_size=2)
+
+
+def _step_worker(rank, world, port, out_dir):
+    """One rank: the same batches through the unsharded and the ZeRO-1 step, for each
+    precision policy; the results go to ``out_dir/rank<r>.pt``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.nn.functional as F
+    from mim import backend, optim, tree
+    from mim.models import vit
+    from mim.train import sharding as sharding_lib
+    from mim.train import step as step_lib
+
+    cfg = vit.config(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+
+    def loss(p, s, b, train):
+        logits, _ = vit.apply(p, b["image"], cfg, train=train)
+        return F.cross_entropy(logits.float(), b["label"]), (s, {})
+
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own half of the batch
+    batches = [{"image": torch.randn(4, 3, 16, 16, generator=g), "label": torch.randint(0, 5, (4,), generator=g)}
+               for _ in range(3)]
+    results = {}
+    for precision in ("fp32", "bf16", "amp_fp16"):
+        be = backend.setup("cpu", precision, "off")
+        runs = {}
+        for mode in ("none", "zero1"):
+            params = vit.init(torch.Generator().manual_seed(0), cfg)
+            flat = tree.flatten(params)
+            names = list(flat)
+            groups = optim.make_groups({n: flat[n].shape for n in names}, weight_decay=0.05,
+                                       no_decay_patterns=("pos_embed", "cls_token"))
+            opt = optim.AdamW(0.9, 0.95)
+            shard = sharding_lib.create(mode, {n: flat[n].shape for n in names}, be)
+            st = step_lib.create_state(params, {}, opt, names, be, sharding=shard)
+            fns = step_lib.build(loss, opt, groups, optim.warmup_cosine(1e-3, 10, 1), be,
+                                 clip_grad=0.5, sharding=shard)
+            ls = []
+            for b in batches:
+                st, m = fns.train_step(st, b)
+                ls.append(m["loss"].item())
+            whole = shard.full_state(st) if shard is not None else tree.flatten(st)
+            runs[mode] = ({k: v.detach().cpu().clone() for k, v in whole.items()}, ls,
+                          sharding_lib.nbytes(st["opt"]) + sharding_lib.nbytes(st.get("master", {})))
+        results[precision] = runs
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_zero1_step_equals_unsharded_step_for_each_precision(tmp_path):
+    """Inside 2 processes: AdamW with clipping and weight-decay groups, under fp32, O2 bf16
+    (sharded fp32 master weights) and fp16 loss scaling (the overflow check is all-reduced);
+    the sharded state, gathered, equals the unsharded one."""
+    import torch.multiprocessing as mp
+    mp.spawn(_step_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for precision, runs in ranks[0].items():
+        (full, l_full, b_full), (sharded, l_sharded, b_sharded) = runs["none"], runs["zero1"]
+        for a, b in zip(l_full, l_sharded):
+            assert abs(a - b) <= 1e-6 * abs(a), precision
+        assert_close_states(full, sharded, rel=1e-5, prefixes=("params.", "opt.", "master."))
+        assert 0.45 < b_sharded / b_full < 0.55, (precision, b_sharded, b_full)
+        # the replicated parameters agree between ranks
+        other = ranks[1][precision]["zero1"][0]
+        for k in full:
+            if k.startswith("params."):
+                assert torch.equal(sharded[k], other[k]), k
