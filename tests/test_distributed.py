@@ -38,7 +38,7 @@ COMMON = ["--config.data.num_workers=0", "--config.batch_size=16", "--config.eva
           # bias of attention, softmax being shift-invariant): there 1 and 2 ranks differ by
           # lr per step. Sharded AdamW is compared with unsharded AdamW on equal ranks below.
           "--config.optim.name=sgd", "--config.optim.lr=0.05"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+LAUNCHERS = os.path.join(ROOT, "launchers")
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,11 @@ def _check(p, cmd):
 
 
 def train(workdir, data, *overrides, nproc=1, timeout=300):
-    main = ["-m", "mim.main", f"--config={TINY}", f"--workdir={workdir}",
-            f"--config.data.path={data}", *COMMON, *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, *main]
-    else:
-        cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *main]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
+    """A run through the launchers: ``single.sh`` for 1 process, ``multi_gpu.sh`` for more."""
+    env = dict(_env(), WORKDIR=str(workdir), PYTHON=sys.executable, NPROC=str(nproc))
+    launcher = "single.sh" if nproc == 1 else "multi_gpu.sh"
+    cmd = [os.path.join(LAUNCHERS, launcher), TINY, f"--config.data.path={data}", *COMMON, *overrides]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return _check(p, cmd)
 
 
@@ -199,18 +197,16 @@ def _free_port():
 
 
 def test_two_nodes_through_c10d_rendezvous(tmp_path, data, one_rank):
-    """Two torchrun agents, one process each, as the 2 nodes of multi_node.sh; they share
-    the workdir as nodes share a file system."""
+    """Two torchrun agents (``launchers/multi_node.sh``), one process each, as 2 nodes that
+    meet through the c10d rendezvous; they share the workdir as nodes share a file system."""
     port = _free_port()
-    main = ["-m", "mim.main", f"--config={TINY}", f"--workdir={tmp_path}",
-            f"--config.data.path={data}", *COMMON]
     procs = []
     for node in (0, 1):
-        cmd = [*TORCHRUN, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mim-test",
-               *main]
+        env = dict(_env(), NNODES="2", NODE_RANK=str(node), NPROC="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), RDZV_ID="mim-test", WORKDIR=str(tmp_path), PYTHON=sys.executable)
+        cmd = [os.path.join(LAUNCHERS, "multi_node.sh"), TINY, f"--config.data.path={data}", *COMMON]
         procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True, env=_env())))
+                                            stderr=subprocess.PIPE, text=True, env=env)))
     outs = []
     for cmd, proc in procs:
         try:
@@ -223,6 +219,34 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, data, one_rank):
     assert sum(o.stdout.count("summary:") for o in outs) == 1
     assert [r["step"] for r in metric_rows(tmp_path) if "train/loss" in r] == list(range(1, STEPS + 1))
     assert_close_states(state(one_rank[0]), state(tmp_path))
+
+
+def test_npu_launchers_and_report(tmp_path, two_ranks):
+    """The NPU scripts compose the right command (printed with DRY_RUN=1, as no NPU is
+    here), and the report gives images/s per device and in total from a run's metrics."""
+    env = dict(_env(), DRY_RUN="1", PYTHON=sys.executable, WORKDIR=str(tmp_path / "w"),
+               ASCEND_SET_ENV="/nonexistent")
+    for script, want in (("train_performance_1p.sh", ["mim.main", "--config.steps=200"]),
+                         ("train_performance_8p.sh", ["--nproc_per_node=8", "--config.steps=200"]),
+                         ("train_full_1p.sh", ["mim.main"]),
+                         ("train_full_8p.sh", ["--standalone", "--nproc_per_node=8"])):
+        p = subprocess.run([os.path.join(LAUNCHERS, "npu", script), TINY, "--config.batch_size=64"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        assert p.returncode == 0, p.stderr
+        line = [x for x in p.stderr.splitlines() if x.startswith("+ ")][-1]
+        for w in want + ["--config.device=npu", f"--config={TINY}", "--config.batch_size=64"]:
+            assert w in line, (script, w, line)
+        assert ("--config.steps=" in line) == ("performance" in script)
+        # the user's overrides come last, so they win over the script's
+        assert line.index("--config.device=npu") < line.index("--config.batch_size=64")
+    wd = two_ranks[0]
+    p = subprocess.run([sys.executable, os.path.join(LAUNCHERS, "report.py"), f"--workdir={wd}",
+                        "--devices=2", "--mode=full"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "images/s per device" in p.stdout and "images/s on 2 device(s)" in p.stdout
+    assert "count 7" in p.stdout
+    rep = json.load(open(os.path.join(wd, "report_full.json")))
+    assert abs(rep["img_s_total"] - 2 * rep["img_s_per_device"]) < 1e-9
 
 
 def test_batch_that_does_not_split_over_ranks_is_a_config_error(data):
