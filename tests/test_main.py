@@ -17,7 +17,7 @@ TINY = os.path.join(ROOT, "experiments", "vit_b32.py") + ":tiny"
 FAST = ["--config.data.num_workers=0", "--config.batch_size=32", "--config.eval_batch_size=500"]
 
 
-def run_main(workdir, *overrides, config=TINY, check=True, timeout=600):
+def run_main(workdir, *overrides, config=TINY, check=True, timeout=900):
     cmd = [sys.executable, "-m", "mim.main", f"--config={config}", f"--workdir={workdir}", *overrides]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
