@@ -338,3 +338,51 @@ def test_zero1_step_equals_unsharded_step_for_each_precision(tmp_path):
         for k in full:
             if k.startswith("params."):
                 assert torch.equal(sharded[k], other[k]), k
+
+
+def _batch_norm_worker(rank, world, port, out_dir):
+    """Synchronised BatchNorm on each rank's half of a batch against plain BatchNorm on
+    the whole batch: outputs, running statistics and torch.func gradients (averaged over
+    ranks, as the train step does)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    from mim.nn import batch_norm as bn
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, generator=g) * 3 + 1
+    w_out = torch.randn(6, 3, generator=g)
+    p, s = bn.init(6)
+    p = {"weight": torch.rand(6, generator=g) + 0.5, "bias": torch.randn(6, generator=g),
+         "w_in": torch.randn(6, 6, generator=g)}  # before the norm: its gradient flows through the statistics
+    local = x.chunk(world)[rank]
+
+    def loss(p, xs, sync):
+        y, new = bn.batch_norm(p, s, xs @ p["w_in"], train=True, sync=sync)
+        return (y @ w_out).square().sum(-1).mean(), (y, new)
+
+    grads, (y, new) = torch.func.grad(loss, has_aux=True)(p, local, True)
+    for k in grads:  # the train step's mean over ranks
+        torch.distributed.all_reduce(grads[k])
+        grads[k] /= world
+    ref_grads, (ref_y, ref_new) = torch.func.grad(loss, has_aux=True)(p, x, False)
+    torch_bn = torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        torch_bn.weight.copy_(p["weight"]), torch_bn.bias.copy_(p["bias"])
+    torch_y = torch_bn.train()(x @ p["w_in"])
+    result = {"y": (y, ref_y.chunk(world)[rank], torch_y.detach().chunk(world)[rank]),
+              "running_var": (new["running_var"], ref_new["running_var"], torch_bn.running_var),
+              "running_mean": (new["running_mean"], ref_new["running_mean"], torch_bn.running_mean)}
+    result.update({f"grad_{k}": (grads[k], ref_grads[k]) for k in grads})
+    torch.save(result, os.path.join(out_dir, f"bn{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_synchronised_batch_norm_equals_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_batch_norm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        res = torch.load(tmp_path / f"bn{r}.pt")
+        for name, values in res.items():
+            for other in values[1:]:
+                torch.testing.assert_close(values[0], other.detach(), rtol=1e-5, atol=1e-6, msg=name)
