@@ -98,6 +98,18 @@ def expected_shapes(cfg) -> Dict[str, torch.Tensor]:
         return T.flatten(swin.init(torch.Generator(), cfg))
 
 
+def _official_swin_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Buffers dropped, timm layout mapped to the official one; an error if this is not
+    a Swin or SimMIM-Swin state dict."""
+    sd = {k: v for k, v in sd.items() if not any(b in k for b in _BUFFERS)}
+    if not any(k.startswith("encoder.") for k in sd):
+        sd = _from_timm_layout(sd)
+    if "patch_embed.proj.weight" not in sd and "encoder.patch_embed.proj.weight" not in sd:
+        raise ValueError("not a Swin/SimMIM checkpoint: no patch_embed.proj.weight "
+                         f"(first keys: {list(sd)[:5]})")
+    return sd
+
+
 def load_official(path_or_sd, cfg=None) -> dict:
     """Tree from an official Swin, SimMIM pre-training or SimMIM fine-tuning checkpoint.
 
@@ -105,13 +117,7 @@ def load_official(path_or_sd, cfg=None) -> dict:
     ``mim.models.simmim.config``) the keys and shapes must match ``init(cfg)`` exactly, and
     the error names every missing and unexpected key; without it the checkpoint's own keys
     are kept (a SimMIM pre-training checkpoint stays ``encoder.*`` / ``decoder.*``)."""
-    sd = read_state_dict(path_or_sd)
-    sd = {k: v for k, v in sd.items() if not any(b in k for b in _BUFFERS)}
-    if not any(k.startswith("encoder.") for k in sd):
-        sd = _from_timm_layout(sd)
-    if "patch_embed.proj.weight" not in sd and "encoder.patch_embed.proj.weight" not in sd:
-        raise ValueError("not a Swin/SimMIM checkpoint: no patch_embed.proj.weight "
-                         f"(first keys: {list(sd)[:5]})")
+    sd = _official_swin_keys(read_state_dict(path_or_sd))
     if cfg is None:
         return T.unflatten(sd)
     expected = expected_shapes(cfg)
@@ -210,11 +216,13 @@ def interpolate_rel_pos_bias(table: torch.Tensor, src_window: int, dst_window: i
 # SimMIM pre-training -> Swin fine-tuning, and export.
 
 
-def simmim_to_swin(tree: dict, swin_cfg, gen: Optional[torch.Generator] = None) -> dict:
+def simmim_to_swin(tree: dict, swin_cfg, gen: Optional[torch.Generator] = None,
+                   fresh: Optional[dict] = None) -> dict:
     """Fine-tuning Swin tree from a SimMIM pre-training tree (SimMIM ``load_pretrained``):
     strip ``encoder.``, drop ``mask_token`` and the decoder, interpolate each relative
     position bias table whose window differs, and take parameters absent from the
-    checkpoint (the classifier ``head``) from ``swin.init(gen, swin_cfg)``.
+    checkpoint (the classifier ``head``) from ``fresh`` (a tree for ``swin_cfg``), or else
+    from ``swin.init(gen, swin_cfg)``. Loaded tensors take ``fresh``'s dtype and device.
 
     Unlike the reference's ``strict=False`` load, any other missing or unexpected key, and
     any shape mismatch, is an error naming the keys."""
@@ -222,7 +230,9 @@ def simmim_to_swin(tree: dict, swin_cfg, gen: Optional[torch.Generator] = None) 
     if any(k.startswith("encoder.") for k in flat):
         flat = {k[len("encoder."):]: v for k, v in flat.items() if k.startswith("encoder.")}
     flat = {k: v for k, v in flat.items() if k != "mask_token" and not any(b in k for b in _BUFFERS)}
-    fresh = T.flatten(swin.init(gen if gen is not None else torch.Generator().manual_seed(0), swin_cfg))
+    if fresh is None:
+        fresh = swin.init(gen if gen is not None else torch.Generator().manual_seed(0), swin_cfg)
+    fresh = T.flatten(fresh)
     missing = [k for k in fresh if k not in flat and not k.startswith("head.")]
     unexpected = [k for k in flat if k not in fresh]
     if missing or unexpected:
@@ -245,7 +255,7 @@ def simmim_to_swin(tree: dict, swin_cfg, gen: Optional[torch.Generator] = None) 
             else:
                 raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, "
                                  f"{tuple(init_value.shape)} in the config")
-        out[k] = v
+        out[k] = v.to(device=init_value.device, dtype=init_value.dtype)
     return T.unflatten(out)
 
 
@@ -285,3 +295,91 @@ def export_official(tree: dict, cfg=None) -> Dict[str, torch.Tensor]:
         if m and m.group(2) == "attn." + _TABLE:
             out[m.group(1) + "attn.relative_position_index"] = block["attn.relative_position_index"]
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Starting a fine-tuning run (config.init.format = "swin"; mim.train.loop.Setup.load_init).
+
+
+def read_source(path) -> Dict[str, torch.Tensor]:
+    """Flat ``{name: tensor}`` of an official ``.pth`` / ``.safetensors`` file, of a mim
+    checkpoint directory or its ``state.safetensors`` (the ``params.*`` tensors), or of a
+    mim run's workdir (its newest checkpoint that verifies)."""
+    from mim.checkpoints import io, weights
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, io.STATE)):
+        found = io.latest(os.path.join(path, "checkpoints"))
+        if found is None:
+            raise FileNotFoundError(f"{path} is neither a mim checkpoint directory nor a mim "
+                                    f"workdir with checkpoints/step_*")
+        path = found[0]
+    if os.path.isdir(path):
+        return weights.mim_params(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            if any(k.startswith("params.") for k in f.keys()):
+                return weights.mim_params(path)
+    return read_state_dict(path)
+
+
+# Official SimMIM ViT keys mim's timm-layout ViT has no place for: the reference's ViT is
+# BEiT's (relative position bias, q/v biases, gamma_1/2 layer scale).
+_BEIT_VIT = re.compile(r"(^|\.)(rel_pos_bias\.|relative_position_bias_table|q_bias|v_bias|gamma_[12])")
+
+
+def simmim_to_vit(flat: Dict[str, torch.Tensor], fresh: dict, vit_cfg, source: str = "") -> dict:
+    """Fine-tuning ViT tree (``fresh``, for ``vit_cfg``) from a SimMIM ViT pretraining tree
+    or a ViT classification tree, as SimMIM's ``load_pretrained``: strip ``encoder.``, drop
+    ``mask_token`` and the decoder, resize ``pos_embed`` bicubically when the grid differs,
+    drop ``norm`` under mean pooling (a fresh ``fc_norm`` is used,
+    ``VIT.USE_MEAN_POOLING``) and keep a fresh head. Any other missing, unexpected or
+    mis-shaped key is an error."""
+    from mim.checkpoints import weights
+    from mim.models import vit
+
+    if any(k.startswith("encoder.") for k in flat):
+        flat = {k[len("encoder."):]: v for k, v in flat.items() if k.startswith("encoder.")}
+    beit = sorted(k for k in flat if _BEIT_VIT.search(k))
+    if beit:
+        raise ValueError(f"{source}: {beit[:4]} are keys of the reference's BEiT-style ViT "
+                         "(relative position bias, q/v biases, gamma layer scale), which mim's "
+                         "timm-layout ViT does not have; only mim-trained SimMIM ViTs load")
+    target = T.flatten(fresh)
+    flat = {k: v for k, v in flat.items() if k != "mask_token"}
+    skip = [k for k in target if k.startswith(("head.", "fc_norm.")) or
+            (k.startswith("norm.") and k not in flat)]
+    for k in ("head.weight", "head.bias"):
+        flat.pop(k, None)   # a pretraining tree has no head; a classifier's is replaced
+    if "norm.weight" not in target:
+        flat = {k: v for k, v in flat.items() if not k.startswith("norm.")}
+
+    def adapt(name, v, t):
+        if name == "pos_embed" and v.shape != t.shape:
+            return vit.resize_pos_embed(v, vit.grid_size(vit_cfg), vit.num_prefix_tokens(vit_cfg))
+        return v.to(t.device)
+
+    return weights.merge_into(fresh, flat, skip=skip, adapt=adapt, source=source)
+
+
+def load_for_finetune(params: dict, path, model_cfg) -> dict:
+    """``params`` (freshly initialised by the classify task for ``model_cfg``) started from
+    ``path``; the hook behind ``init.format="swin"``.
+
+    ``path``: a SimMIM pretraining checkpoint (microsoft/SimMIM's ``encoder.*`` /
+    ``decoder.*`` file, or a mim ``simmim_pretrain`` checkpoint directory or workdir), a Swin
+    classification checkpoint (official, timm layout, or a mim classify run), or for
+    ``model_cfg.name == "vit"`` a mim SimMIM ViT pretraining or ViT classification run.
+    Swin: relative position bias tables are interpolated to the fine-tuning window (6 -> 7 in
+    the paper, Sec. 4.1) and the head is ``params``'s own unless the checkpoint has one of
+    the same shape (:func:`simmim_to_swin`). ViT: :func:`simmim_to_vit`."""
+    flat = read_source(path)
+    name = model_cfg.get("name", "swin")
+    if name == "swin":
+        return simmim_to_swin(T.unflatten(_official_swin_keys(flat)), model_cfg, fresh=params)
+    if name == "vit":
+        return simmim_to_vit(flat, params, model_cfg, source=os.fspath(path))
+    raise ValueError(f"init.format='swin' loads Swin or ViT models, not model.name={name!r}")

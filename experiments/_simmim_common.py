@@ -1,0 +1,227 @@
+"""Shared pieces of the SimMIM experiment files (Xie et al. 2022; microsoft/SimMIM's
+configs/*.yaml, config.py defaults, main_simmim.py, main_finetune.py): the reference
+recipes and the CPU-sized ``:tiny`` and ``:perf`` variants. Not an experiment itself;
+each ``simmim_*.py`` loads it by path.
+
+Learning rates. The reference scales ``BASE_LR``, ``WARMUP_LR`` and ``MIN_LR`` by
+``total batch / 512`` (main_simmim.py, main_finetune.py); mim scales ``optim.base_lr`` by
+``batch_size / 256`` and takes ``optim.min_lr`` as an absolute value. So mim's base_lr is
+the reference's BASE_LR / 2, and min_lr is the reference's MIN_LR * 2048 / 512 for the
+reference's global batch of 2048 (16 GPUs x 128, README.md); change it with the batch.
+
+``:tiny`` is one small encoder per backbone on the bundled 32-px CIFAR-10 subset, the
+same for pretraining and fine-tuning, so a tiny pretraining run's workdir plugs into the
+fine-tuning file with ``--config.init.checkpoint=<workdir>``.
+"""
+import os
+
+import ml_collections
+
+from mim import config as config_lib
+from mim.models import simmim, swin, vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED = os.path.join(ROOT, "third_party", "cifar10-mini")
+
+REFERENCE_BATCH = 2048      # README.md: 16 GPUs x --batch-size 128, pretraining and fine-tuning
+
+
+def per_256(reference_lr: float) -> float:
+    """mim's ``optim.base_lr`` (per 256 images) for a reference ``TRAIN.BASE_LR`` (per 512)."""
+    return reference_lr * 256 / 512
+
+
+def absolute(reference_lr: float, batch: int = REFERENCE_BATCH) -> float:
+    """The reference's linear scaling of a per-512 lr (main_simmim.py)."""
+    return reference_lr * batch / 512
+
+
+# ----------------------------------------------------------------------------------------
+# Tiny: 32-px images. Swin with 4-px patches (an 8x8 grid) and two stages, so the
+# encoder stride is 8 and each 8-px mask patch is one output feature, as each 32-px mask
+# patch is for Swin-B (stride 32). ViT with 4-px patches and the same 8-px mask patches
+# (2x2 tokens, as 32 / 16 for ViT-B).
+
+TINY_SWIN = dict(img_size=32, patch_size=4, embed_dim=64, depths=(2, 2), num_heads=(2, 4),
+                 window_size=4)
+TINY_SWIN_FINETUNE_WINDOW = 8   # a window change at fine-tuning, as 6 -> 7 in the reference
+TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4)
+TINY_MASK_PATCH = 8
+TINY_CLASSES = 10
+
+
+def _tiny_data(c):
+    c.data.path = BUNDLED
+    c.data.image_size = 32
+    c.data.crop_pct = 1.0          # the images are already 32 px: no resize + centre crop
+    c.data.num_workers = 1         # 2 cores: one decodes JPEGs, one trains
+    c.precision = "fp32"
+    c.compile = "off"
+    c.eval_batch_size = 500
+
+
+def _perf(c, steps: int = 50):
+    c.steps = steps
+    c.log_every = 10
+    c.eval_every = 1_000_000
+    c.checkpoint_every = 1_000_000
+
+
+def _variant_error(name, arg):
+    return ValueError(f"unknown variant {arg!r} of {name} (tiny, perf)")
+
+
+# ----------------------------------------------------------------------------------------
+# Pretraining (main_simmim.py).
+
+# Per backbone: (reference TRAIN.BASE_LR, MIN_LR per 512 images, epochs). Swin-B: the
+# 100-epoch config (cosine; the 800-epoch one uses BASE_LR 1e-4 and a multistep schedule,
+# see the experiment file). ViT-B: the 800-epoch config (multistep in the reference,
+# cosine to the config.py default MIN_LR 5e-6 here; see simmim_vit_base.py).
+PRETRAIN = {"swin": (2e-4, 1e-5, 100.0), "vit": (1e-4, 5e-6, 800.0)}
+
+
+def pretrain(backbone: str, arg=None, name: str = "simmim"):
+    c = config_lib.base()
+    c.task = "simmim_pretrain"
+    if backbone == "swin":
+        # Swin-B, 192 px, window 6, no stochastic depth (DROP_PATH_RATE 0.0).
+        c.model = simmim.config("swin")
+    else:
+        # ViT-B/16 at 224 px, drop path 0.1, layer scale 0.1 (VIT.INIT_VALUES).
+        c.model = simmim.config("vit", encoder=dict(drop_path_rate=0.1, layer_scale_init=0.1))
+    c.model.update(mask_patch_size=32, mask_ratio=0.6)   # DATA.MASK_PATCH_SIZE / MASK_RATIO
+    base_lr, min_lr, epochs = PRETRAIN[backbone]
+    c.batch_size = REFERENCE_BATCH
+    c.eval_batch_size = 1024
+    c.epochs = epochs
+    c.data.image_size = c.model.encoder.img_size
+    # SimMIMTransform (data_simmim.py): RandomResizedCrop(scale=(0.67, 1), ratio=(3/4, 4/3))
+    # with torchvision's default bilinear resampling, flip; nothing else.
+    c.data.crop_scale = (0.67, 1.0)
+    c.data.crop_ratio = (3 / 4, 4 / 3)
+    c.data.interpolation = "bilinear"
+    c.data.num_workers = 8
+    c.optim.name = "adamw"
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.base_lr = per_256(base_lr)
+    c.optim.min_lr = absolute(min_lr)
+    c.optim.schedule = "cosine"
+    c.optim.warmup_epochs = 10.0
+    c.optim.weight_decay = 0.05
+    c.optim.clip_grad = 5.0        # TRAIN.CLIP_GRAD
+    c.precision = "amp_bf16"       # the reference: apex O1 (fp16 autocast); amp_fp16 for that
+    c.log_every = 100              # PRINT_FREQ
+    c.recon = ml_collections.ConfigDict(dict(
+        every=3125,                # steps between reconstruction pictures (5 epochs); 0: none
+        num_images=8,              # fixed eval-split images in each picture
+    ))
+    if arg == "tiny":
+        _tiny_data(c)
+        enc = TINY_SWIN if backbone == "swin" else dict(TINY_VIT, drop_path_rate=0.0)
+        c.model.encoder.update(enc)
+        c.model.mask_patch_size = TINY_MASK_PATCH
+        c.batch_size = 128
+        c.epochs = 0.0
+        c.steps = 600
+        # A short run needs a larger base lr than the 100/800-epoch schedules.
+        c.optim.base_lr = 2e-3
+        c.optim.min_lr = 1e-5
+        c.optim.warmup_epochs = 0.0
+        c.optim.warmup_steps = 30
+        c.log_every = 50
+        c.eval_every = 300
+        c.checkpoint_every = 300
+        c.recon.every = 300
+    elif arg == "perf":
+        _perf(c)
+        c.recon.every = 0
+    elif arg:
+        raise _variant_error(name, arg)
+    return c
+
+
+# ----------------------------------------------------------------------------------------
+# Fine-tuning (main_finetune.py): the classify task on the pretrained encoder.
+
+# Per backbone: reference TRAIN.BASE_LR and MIN_LR (per 512), LAYER_DECAY.
+FINETUNE = {"swin": (1.25e-3, 2.5e-7, 0.9), "vit": (1.25e-3, 2.5e-7, 0.65)}
+
+
+def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
+    c = config_lib.base()
+    c.task = "classify"
+    if backbone == "swin":
+        # Swin-B at 224 px, window 7: the 6 -> 7 window change interpolates the relative
+        # position bias tables at load time (mim.checkpoints.swin.load_for_finetune).
+        dim, depths, heads = swin.SIZES["base"]
+        c.model = swin.config(img_size=224, embed_dim=dim, depths=depths, num_heads=heads,
+                              window_size=7, drop_path_rate=0.1, num_classes=1000)
+    else:
+        # ViT-B/16, mean pooling + fc_norm (VIT.USE_MEAN_POOLING), layer scale 0.1, head
+        # trunc-normal(0.02) scaled by init_scale 0.001 (vision_transformer.py).
+        c.model = vit.config(patch_size=16, embed_dim=768, depth=12, num_heads=12, img_size=224,
+                             num_classes=1000, global_pool="avg", drop_path_rate=0.1,
+                             layer_scale_init=0.1, head_init_std=2e-5)
+    base_lr, min_lr, layer_decay = FINETUNE[backbone]
+    c.init.format = "swin"         # SimMIM checkpoints, either backbone (mim.checkpoints.swin)
+    c.batch_size = REFERENCE_BATCH
+    c.eval_batch_size = 1024
+    c.epochs = 100.0
+    c.data.image_size = 224
+    c.data.interpolation = "bicubic"
+    c.data.crop_pct = 224 / 256    # eval: resize 256, centre crop 224 (TEST.CROP)
+    # data_finetune.build_transform with config.py's AUG defaults. timm ignores the colour
+    # jitter when RandAugment is on; it is kept at the reference's value.
+    c.data.crop_scale = (0.08, 1.0)
+    c.data.color_jitter = 0.4
+    c.data.auto_augment = "rand-m9-mstd0.5-inc1"
+    c.data.re_prob = 0.25
+    c.data.re_mode = "pixel"
+    c.data.re_count = 1
+    c.data.mixup = 0.8
+    c.data.cutmix = 1.0
+    c.data.mixup_prob = 1.0
+    c.data.mixup_switch_prob = 0.5
+    c.data.label_smoothing = 0.1   # MODEL.LABEL_SMOOTHING, folded into the mixup targets
+    c.data.num_workers = 8
+    c.optim.name = "adamw"
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.base_lr = per_256(base_lr)
+    c.optim.min_lr = absolute(min_lr)
+    c.optim.schedule = "cosine"
+    c.optim.warmup_epochs = 20.0
+    c.optim.weight_decay = 0.05
+    c.optim.layer_decay = layer_decay
+    c.optim.clip_grad = 5.0
+    c.precision = "amp_bf16"
+    c.log_every = 100
+    if arg == "tiny":
+        _tiny_data(c)
+        if backbone == "swin":
+            c.model.update(TINY_SWIN, window_size=TINY_SWIN_FINETUNE_WINDOW, num_classes=TINY_CLASSES)
+        else:
+            c.model.update(TINY_VIT, num_classes=TINY_CLASSES)
+        c.batch_size = 128
+        c.epochs = 0.0
+        c.steps = 300
+        c.optim.base_lr = 2e-3
+        c.optim.min_lr = 1e-5
+        c.optim.warmup_epochs = 0.0
+        c.optim.warmup_steps = 30
+        # RandAugment, erasing and mixup/cutmix on 32-px images in a 300-step run only add
+        # noise to the comparison this variant is for (pretrained vs random init).
+        c.data.auto_augment = ""
+        c.data.color_jitter = 0.0
+        c.data.re_prob = 0.0
+        c.data.mixup = 0.0
+        c.data.cutmix = 0.0
+        c.data.crop_scale = (0.35, 1.0)
+        c.log_every = 50
+        c.eval_every = 300
+        c.checkpoint_every = 300
+    elif arg == "perf":
+        _perf(c)
+    elif arg:
+        raise _variant_error(name, arg)
+    return c

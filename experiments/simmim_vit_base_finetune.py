@@ -1,0 +1,37 @@
+"""Fine-tuning a SimMIM ViT-B/16 on ImageNet-1k (microsoft/SimMIM's
+configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml): the classify task
+with mean pooling.
+
+The mask token and the decoder are dropped, the position embedding is resized if the
+grid differs, ``norm`` is replaced by a fresh ``fc_norm`` (mean pooling) and the head is
+fresh (mim.checkpoints.swin.load_for_finetune, init.format="swin", which reads SimMIM
+checkpoints of either backbone). AdamW (0.9, 0.999), weight decay 0.05, layer decay 0.65,
+drop path 0.1, layer scale 0.1, global batch 2048, 100 epochs with 20 warm-up then cosine,
+clipping at 5.0. The reference's BASE_LR 1.25e-3 is per 512 images (5e-3 at batch 2048);
+mim's base_lr is per 256: 6.25e-4. MIN_LR 2.5e-7 per 512 -> min_lr = 1e-6. RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, label smoothing 0.1.
+Reference: 83.8% top-1 (README.md of microsoft/SimMIM), with relative position bias in
+every block, which mim's ViT does not have (see simmim_vit_base.py).
+
+    python -m mim.main --config=experiments/simmim_vit_base_finetune.py \
+        --workdir=runs/simmim_vit_base_ft --config.data.path=/data/imagenet \
+        --config.init.checkpoint=runs/simmim_vit_base
+
+Variants:
+    :tiny   the tiny ViT of simmim_vit_base.py:tiny, 300 steps; start it from a tiny
+            pretraining run with --config.init.checkpoint=<that workdir>.
+    :perf   50 steps that print throughput (images/s per device).
+"""
+import importlib.util
+import os
+
+# Shared recipe and tiny settings, loaded by path (experiments/ is not a package).
+_spec = importlib.util.spec_from_file_location(
+    "mim_experiments_simmim_common",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "_simmim_common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def get_config(arg=None):
+    return common.finetune("vit", arg, name="simmim_vit_base_finetune.py")
