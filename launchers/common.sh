@@ -51,6 +51,15 @@ else:
 PY
 }
 
+# Print and run the launcher's command in place of the shell, so that signals (SIGTERM
+# from a scheduler) reach torchrun / mim directly (DRY_RUN=1: print only).
+run_exec() {
+  echo "+ $*" >&2
+  if [[ "${DRY_RUN:-0}" != 1 ]]; then
+    exec "$@"
+  fi
+}
+
 # Print and run a command (DRY_RUN=1: print only).
 run() {
   echo "+ $*" >&2

@@ -15,5 +15,5 @@ source "${ROOT}/launchers/common.sh"
 mim_setup "$@"
 
 NPROC="${NPROC:-$(local_devices)}"
-run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+run_exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
   -m mim.main --config="$EXPERIMENT" --workdir="$WORKDIR" "${OVERRIDES[@]}"

@@ -25,7 +25,7 @@ mim_setup "$@"
 : "${MASTER_ADDR:?set MASTER_ADDR, the address of the rendezvous host (node 0)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC="${NPROC:-$(local_devices)}"
-run "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+run_exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --nproc_per_node="$NPROC" --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
   --rdzv_id="${RDZV_ID:-mim}" \
   -m mim.main --config="$EXPERIMENT" --workdir="$WORKDIR" "${OVERRIDES[@]}"

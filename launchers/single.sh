@@ -15,4 +15,4 @@ mim_setup "$@"
 if [[ -n "${DEVICE:-}" ]]; then
   export CUDA_VISIBLE_DEVICES="$DEVICE" ASCEND_RT_VISIBLE_DEVICES="$DEVICE"
 fi
-run "$PYTHON" -m mim.main --config="$EXPERIMENT" --workdir="$WORKDIR" "${OVERRIDES[@]}"
+run_exec "$PYTHON" -m mim.main --config="$EXPERIMENT" --workdir="$WORKDIR" "${OVERRIDES[@]}"

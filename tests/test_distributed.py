@@ -386,3 +386,30 @@ def test_synchronised_batch_norm_equals_whole_batch(tmp_path):
         for name, values in res.items():
             for other in values[1:]:
                 torch.testing.assert_close(values[0], other.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, data):
+    """torchrun passes a SIGTERM on to its workers; the ranks agree on the step to stop
+    at (saving is collective), write one checkpoint and exit before torchrun's grace
+    period ends."""
+    import signal
+    import time
+    env = dict(_env(), WORKDIR=str(tmp_path), PYTHON=sys.executable, NPROC="2")
+    cmd = [os.path.join(LAUNCHERS, "multi_gpu.sh"), TINY, f"--config.data.path={data}", *COMMON,
+           "--config.steps=100000", "--config.checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)  # the launcher exec'd torchrun: this is torchrun
+            break
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + out
+    assert time.time() - t0 < 30, log[-3000:]  # before torchrun's 30 s grace period ran out
+    stops = re.findall(r"stopped by signal \S+ after step (\d+)", log)
+    assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]
+    steps = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert steps == [f"step_{int(stops[0]):08d}"], (steps, stops)

@@ -16,8 +16,9 @@ What is sharded and what is not:
   them layer by layer inside the forward pass; mim's models do not do that).
 
 So the saving is the optimizer state (2 fp32 tensors per parameter for AdamW, plus the
-fp32 master copy under O2): for AdamW in fp32 that is 2/3 of the per-parameter training
-state apart from activations. The communication volume equals DDP's (a reduce-scatter
+fp32 master copy under O2): per parameter, fp32 AdamW goes from 16 bytes (parameter,
+gradient, 2 moments) to 8 + 8/world; O2 bf16 from 16 (2 + 2 + 4 master + 8) to
+4 + 12/world. The communication volume equals DDP's (a reduce-scatter
 plus an all-gather is one all-reduce).
 
 Checkpoints hold the full, unsharded state (the slices are gathered to rank 0's host
