@@ -242,3 +242,85 @@ def encoder_to_vit(mae_params: Mapping, vit_cfg, gen: Optional[torch.Generator] 
     src = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in src.items()}
     check_layout(src, "vit", vit_cfg)
     return T.unflatten({k: src[k] for k in expected_shapes("vit", vit_cfg)})
+
+
+# ----------------------------------------------------------------------------------------
+# Starting a fine-tuning / linear-probe run (config.init.format = "mae").
+
+# Official or mim keys that a downstream ViT never uses: the decoder and mask token
+# (dropped after pretraining, Sec. 3) and a linear probe's batch-norm statistics, which
+# are model state, not parameters (the linprobe task reads them itself).
+_PRETRAIN_ONLY = re.compile(r"^(mask_token|decoder_.*|head\.0\..*)$")
+# Keys a downstream model may lack in the source and keep at their fresh initialisation,
+# as the reference's load_state_dict(strict=False) allows (main_finetune.py,
+# main_linprobe.py): the new head, and fc_norm under global pooling (Sec. A.1).
+_FRESH = re.compile(r"^(head\..*|fc_norm\..*|norm\..*)$")
+
+
+def read_source(path, include_model_state: bool = False) -> dict:
+    """Flat ``{name: tensor}`` of an official ``.pth`` / ``.safetensors`` file, a mim
+    checkpoint directory (``params.*`` of its ``state.safetensors``, and with
+    ``include_model_state`` its ``model_state.*`` such as a linear probe's ``head.0.*``
+    statistics), or a mim run's workdir (its newest good checkpoint)."""
+    from mim.checkpoints import io, weights
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, io.STATE)):
+        found = io.latest(os.path.join(path, "checkpoints"))
+        if found is None:
+            raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a mim workdir "
+                                    f"with checkpoints/step_*")
+        path = found[0]
+    if os.path.isdir(path):
+        flat = weights.mim_params(path)
+        if include_model_state:
+            saved = io.load_tensors(path)
+            flat.update({k[len("model_state."):]: v for k, v in saved.items()
+                         if k.startswith("model_state.")})
+        return flat
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            if any(k.startswith("params.") for k in f.keys()):
+                return weights.mim_params(path)
+    return read_state_dict(path)
+
+
+def load_for_finetune(params: dict, path, model_cfg) -> dict:
+    """``params`` (freshly initialised by the task) with the encoder of an MAE checkpoint,
+    the hook behind ``init.format="mae"`` (see mim.train.loop.Setup.load_init).
+
+    ``path``: an official pretraining file (full ``mae`` or ``mae_encoder``), a fine-tuned
+    or linear-probe ``models_vit`` file, or a mim checkpoint / workdir of an mae_pretrain,
+    classify or linprobe run. As main_finetune.py / main_linprobe.py: the decoder and mask
+    token are dropped, the position table is interpolated if the grid differs, ``norm`` is
+    dropped under global pooling (a fresh ``fc_norm`` is used instead), and head entries
+    that are absent or of another shape keep the task's fresh initialisation (trunc-normal
+    2e-5 for fine-tuning, 0.01 for linear probing). Any other missing, unexpected or
+    mis-shaped key is an error."""
+    src = read_source(path)
+    target = T.flatten(params)
+    loaded, fresh = {}, []
+    for k, v in src.items():
+        if k in target:
+            loaded[k] = v
+        elif not (_PRETRAIN_ONLY.match(k) or _FRESH.match(k)):
+            raise ValueError(f"{path}: key {k!r} has no place in the model "
+                             f"({model_cfg.get('name', 'vit')} with global_pool="
+                             f"{model_cfg.get('global_pool')!r})")
+    for k in ("head.weight", "head.bias", "head.1.weight", "head.1.bias"):
+        if k in loaded and loaded[k].shape != target[k].shape:
+            # Another class count: a new head, as the reference deletes these keys.
+            del loaded[k]
+    for k in target:
+        if k not in loaded:
+            if not _FRESH.match(k):
+                raise ValueError(f"{path}: the checkpoint lacks {k!r}")
+            fresh.append(k)
+    if "pos_embed" in loaded:
+        loaded["pos_embed"] = vit.resize_pos_embed(
+            loaded["pos_embed"], vit.grid_size(model_cfg), vit.num_prefix_tokens(model_cfg))
+    from mim.checkpoints import weights
+    return weights.merge_into(params, loaded, skip=fresh, source=os.fspath(path))

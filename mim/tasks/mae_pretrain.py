@@ -1,0 +1,120 @@
+"""MAE pretraining (He et al. 2022): reconstruct the pixels of randomly masked patches.
+
+The per-sample masking noise is drawn by the input pipeline (``batch_extras``), so the
+step is a deterministic function of its batch. ``evaluate`` reports the same masked-patch
+loss on the eval split, whose noise is fixed per image (the eval sampler seeds every image
+from its index), so eval losses of different steps are comparable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from mim import tree, visualize
+from mim.data import folder, transforms
+from mim.models import mae
+from mim.tasks import ParamRules
+
+log = logging.getLogger(__name__)
+
+
+def init(config, gen: torch.Generator):
+    return mae.init(gen, config.model), {}
+
+
+def _images(params, batch):
+    # Under the bf16/fp16 "O2" policies the parameters are low precision; match them.
+    return batch["image"].to(params["patch_embed"]["proj"]["weight"].dtype)
+
+
+def loss(params, model_state, batch, config, train: bool):
+    value, _ = mae.apply(params, _images(params, batch), batch["noise"], config.model, train=train)
+    return value, (model_state, {})
+
+
+def evaluate(params, model_state, batch, config):
+    value, aux = mae.apply(params, _images(params, batch), batch["noise"], config.model)
+    masked = aux["mask"].sum()
+    # Sums, so that the mean over the split weights every masked patch equally.
+    return {"loss_sum": value.double() * masked, "masked_patches": masked,
+            "count": torch.tensor(batch["image"].shape[0], device=masked.device)}
+
+
+def summarize(sums):
+    return {"loss": sums["loss_sum"] / max(sums["masked_patches"], 1), "count": int(sums["count"])}
+
+
+def param_rules(config) -> ParamRules:
+    """As main_pretrain.py: weight decay on every matrix (timm's add_weight_decay skips
+    only 1-D tensors, i.e. biases and norms; cls_token and mask_token are decayed), no
+    layer decay, and the fixed sin-cos tables never trained (Sec. A.1). Anchored, so that
+    no other name containing "pos_embed" is frozen."""
+    return ParamRules(no_decay=(), frozen=tuple(rf"^{name}$" for name in mae.FROZEN))
+
+
+def batch_extras(gen: torch.Generator, config):
+    """Per-image uniform noise ``(L,)``; its argsort is the random mask (Sec. 3)."""
+    return {"noise": mae.noise(gen, 1, config.model)[0]}
+
+
+# ----------------------------------------------------------------------------------------
+# Reconstruction pictures during training.
+
+
+def fixed_images(config, num: int) -> torch.Tensor:
+    """``num`` eval-split images spread evenly over the split (so over its classes),
+    with the eval transform: the same pictures at every step and on every run."""
+    ds = folder.ImageFolder(config.data.path, config.data.eval_split,
+                            transforms.eval_transform(config.data))
+    idx = [i * len(ds) // num for i in range(min(num, len(ds)))]
+    return torch.stack([ds[(i, 0)]["image"] for i in idx])
+
+
+def fixed_noise(config, num: int) -> torch.Tensor:
+    return mae.noise(torch.Generator().manual_seed(config.seed), num, config.model)
+
+
+def reconstruct(params, images: torch.Tensor, noise: torch.Tensor, cfg, mean, std):
+    """Grid (uint8 HWC) of original | masked | reconstruction | reconstruction + visible.
+
+    With ``norm_pix_loss`` the decoder predicts per-patch normalised pixels; they are
+    mapped back with the true patches' statistics, as the demo notebook's figures."""
+    with torch.no_grad():
+        _, aux = mae.apply(params, images, noise, cfg)
+    pred = aux["pred"].float()
+    if cfg.norm_pix_loss:
+        pred = visualize.denormalize_pix(pred, images.float(), cfg.patch_size)
+    return visualize.reconstruction_grid(images, pred, aux["mask"], cfg.patch_size,
+                                         mean=tuple(mean), std=tuple(std))
+
+
+class ReconstructionHook:
+    """Every ``config.recon.every`` steps (rank 0): ``reconstructions/step_XXXXXXXX.png``
+    under the workdir and the same picture in TensorBoard."""
+
+    def __init__(self, setup, writer):
+        c = setup.config
+        self.every, self.writer, self.config = c.recon.every, writer, c
+        self.enabled = setup.be.is_main and self.every > 0
+        self.dir = os.path.join(setup.workdir, "reconstructions")
+        if self.enabled:
+            self.images = fixed_images(c, c.recon.num_images).to(setup.be.device)
+            self.noise = fixed_noise(c, self.images.shape[0]).to(setup.be.device)
+
+    def after_step(self, step: int, state, batch, metrics):
+        if not self.enabled or step % self.every:
+            return
+        c = self.config
+        # fp32 for the picture, whatever precision the run trains in.
+        params = tree.to(state["params"], dtype=torch.float32)
+        grid = reconstruct(params, self.images, self.noise, c.model, c.data.mean, c.data.std)
+        path = os.path.join(self.dir, f"step_{step:08d}.png")
+        visualize.save_grid(path, grid)
+        self.writer.image("reconstruction", grid, step)
+        log.info("wrote %s", path)
+
+
+def hooks(setup, writer):
+    return ReconstructionHook(setup, writer)
