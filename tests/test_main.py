@@ -115,3 +115,26 @@ def test_missing_workdir_and_foreign_checkpoint_are_errors(tmp_path):
     run_main(tmp_path, *FAST, "--config.steps=2", "--config.eval_every=1000")
     p = run_main(tmp_path, *FAST, "--config.steps=4", "--config.model.depth=2", check=False)
     assert p.returncode != 0 and "another experiment" in p.stderr
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
+    p = run_main(tmp_path, *FAST, "--config.steps=50", "--config.optim.lr=1e30", "--config.optim.clip_grad=0",
+                 "--config.log_every=1", "--config.checkpoint_every=1", "--config.max_nonfinite_steps=2",
+                 "--config.optim.warmup_steps=0", check=False)
+    assert p.returncode != 0
+    assert "the loss was not finite for 2 consecutive steps" in p.stderr
+    from mim.checkpoints import io as ckpt
+    path, meta = ckpt.latest(str(tmp_path / "checkpoints"))
+    for k, v in safetensors.torch.load_file(os.path.join(path, "state.safetensors")).items():
+        assert torch.isfinite(v).all(), k
+
+
+def test_same_seed_same_losses_different_seed_different(tmp_path):
+    def losses(name, *extra):
+        run_main(tmp_path / name, *FAST, "--config.steps=6", "--config.log_every=1",
+                 "--config.eval_every=1000", "--config.deterministic=True", *extra)
+        return [r["train/loss"] for r in map(json.loads, open(tmp_path / name / "metrics.jsonl"))
+                if "train/loss" in r]
+    a, b, c = losses("a"), losses("b"), losses("c", "--config.seed=1")
+    assert len(a) == 6 and a == b
+    assert a != c

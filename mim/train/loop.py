@@ -193,6 +193,14 @@ def train(config, workdir: str) -> Dict[str, float]:
     old = signal.signal(signal.SIGTERM, on_term)
 
     def save(step_done: int):
+        # Never checkpoint a state whose last loss was not finite: the last good
+        # checkpoint must survive a divergence (one host sync per checkpoint).
+        bad = streak.clone()
+        if be.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            log.warning("not checkpointing step %d: the loss was not finite", step_done)
+            return
         # Sharded slices are gathered by every rank; only rank 0 writes.
         whole = shard.full_state(state) if shard is not None else state
         if be.is_main:
