@@ -1,17 +1,14 @@
 """mim.models.mae against an independent reference: an nn.Module that follows
 facebookresearch/mae models_mae.py with timm's Block/PatchEmbed, and a numpy version of
-util/pos_embed.get_2d_sincos_pos_embed."""
-from functools import partial
-
-import numpy as np
+util/pos_embed.get_2d_sincos_pos_embed (both in mim.peers, the benchmark's peer)."""
 import pytest
 import torch
-import torch.nn as tnn
-from timm.models.vision_transformer import Block, PatchEmbed
 
 from mim import tree as T
 from mim.checkpoints.mae import load_official
 from mim.models import mae
+from mim.peers import MAE
+from mim.peers import sincos_2d_numpy as np_sincos_2d
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, mlp_ratio=4.0)
@@ -21,51 +18,8 @@ TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_he
 # Independent reference.
 
 
-def np_sincos_2d(dim, grid, cls_token=False):
-    """numpy 2-D sin-cos table with the reference's conventions (float32 maths, meshgrid
-    with w first, first half of channels from the first meshgrid plane)."""
-    def one_d(d, pos):
-        omega = np.arange(d // 2, dtype=np.float32) / np.float32(d / 2.0)
-        omega = 1.0 / 10000 ** omega
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    coords = np.arange(grid, dtype=np.float32)
-    planes = np.stack(np.meshgrid(coords, coords), axis=0)
-    emb = np.concatenate([one_d(dim // 2, planes[0]), one_d(dim // 2, planes[1])], axis=1)
-    if cls_token:
-        emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
-    return emb
-
-
-class RefMAE(tnn.Module):
+class RefMAE(MAE):
     """models_mae.MaskedAutoencoderViT semantics (random masking), noise passed in."""
-
-    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads,
-                 decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
-                 norm_pix_loss=False, mask_ratio=0.75):
-        super().__init__()
-        norm = partial(tnn.LayerNorm, eps=1e-6)
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        n = self.patch_embed.num_patches
-        self.cls_token = tnn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = tnn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)
-        self.blocks = tnn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-                                      for _ in range(depth)])
-        self.norm = norm(embed_dim)
-        self.decoder_embed = tnn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = tnn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = tnn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = tnn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-            for _ in range(decoder_depth)])
-        self.decoder_norm = norm(decoder_embed_dim)
-        self.decoder_pred = tnn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
-        self.p, self.norm_pix_loss, self.mask_ratio = patch_size, norm_pix_loss, mask_ratio
-        g = img_size // patch_size
-        self.pos_embed.data.copy_(torch.from_numpy(np_sincos_2d(embed_dim, g, True)).float()[None])
-        self.decoder_pos_embed.data.copy_(
-            torch.from_numpy(np_sincos_2d(decoder_embed_dim, g, True)).float()[None])
 
     def randomize(self, seed):
         """Non-trivial values everywhere (biases, norms) so that every parameter matters."""
@@ -74,53 +28,6 @@ class RefMAE(tnn.Module):
             for name, t in self.named_parameters():
                 if "pos_embed" not in name:
                     t.add_(0.1 * torch.randn(t.shape, generator=g))
-
-    def patchify(self, imgs):
-        p = self.p
-        h = w = imgs.shape[2] // p
-        x = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(imgs.shape[0], h * w, p * p * 3)
-
-    def random_masking(self, x, noise):
-        N, L, D = x.shape
-        keep = int(L * (1 - self.mask_ratio))
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        x_masked = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, D))
-        mask = torch.ones([N, L])
-        mask[:, :keep] = 0
-        return x_masked, torch.gather(mask, 1, ids_restore), ids_restore
-
-    def forward_encoder(self, x, noise):
-        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
-
-    def forward_decoder(self, x, ids_restore):
-        x = self.decoder_embed(x)
-        tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-        x_ = torch.cat([x[:, 1:, :], tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
-
-    def forward(self, imgs, noise):
-        latent, mask, ids_restore = self.forward_encoder(imgs, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum(), pred, mask, latent
 
 
 def make_reference(seed=0, **overrides):

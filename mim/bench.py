@@ -1,0 +1,536 @@
+"""Training-step benchmark with a peer in the same run, and input-pipeline throughput.
+
+    python -m mim.bench --config=experiments/mae_base.py:perf [--config.batch_size=256] \
+        [--steps=20 --warmup=5] [--peer=eager,compiled|none] [--data=synthetic|real]
+    python -m mim.bench --config=experiments/vit_b32.py --mode=data [--data_dir=/data/imagenet]
+
+``--mode=train`` (default) builds the experiment's real train state and train step (the
+functions :func:`mim.train.loop.train` uses), runs ``--warmup`` untimed and ``--steps``
+timed steps on one device, and prints images/s, ms/step, model FLOPs per image
+(``torch.utils.flop_counter`` over one forward + backward of the step), MFU against the
+device's dense peak, and peak memory. The same figures follow for the peer
+(:mod:`mim.peers`: the architecture as timm ``nn.Module``\\ s with ``torch.optim``), eager
+and ``torch.compile``'d, and the ratios mim / peer. The batch is synthetic (shaped like
+the task's: images, labels or soft labels, and the per-sample extras of the task's
+``batch_extras``) or, with ``--data=real``, the experiment's own input pipeline.
+
+``--mode=data`` measures decode + augmentation: images/s of one worker (the train
+transform and the task's extras, in this process) and of the loader with the config's
+``data.num_workers``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from mim import backend as backend_lib
+from mim import config as config_lib
+from mim import optim, tree
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------
+# Dense peaks (TFLOP/s, no 2:4 sparsity) per device and compute dtype, for MFU.
+#   NVIDIA H100 / H200 datasheets: SXM bf16/fp16 989.4 (1979 is with sparsity), TF32 494.7,
+#     fp32 66.9; H100 PCIe bf16 756, TF32 378, fp32 51.2; H100 NVL bf16 835, fp32 60.
+#   NVIDIA A100 datasheet: bf16/fp16 312, TF32 156, fp32 19.5.
+#   Ascend 910 (910A): fp16 256 (Huawei, Hot Chips 31, 2019, "DaVinci: A Scalable
+#     Architecture for Neural Network Computing"); no bf16.
+#   Ascend 910B: Huawei publishes no per-SKU peak; third-party figures range from
+#     ~280 to ~376 fp16 depending on the SKU (B1..B4). 313 is a middle estimate:
+#     override with --peak_tflops for a known part.
+PEAKS = [
+    # (substring of the lowercased device name, {dtype: TFLOP/s})
+    ("h200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("h100 pcie", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("h100 nvl", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("h100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("a100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("ascend910b", {"bf16": 313.0, "fp16": 313.0}),
+    ("ascend910", {"fp16": 256.0}),
+]
+
+
+def device_name(be) -> str:
+    if be.device_type == "cuda":
+        return torch.cuda.get_device_name(be.device)
+    if be.device_type == "npu":
+        return torch.npu.get_device_name(be.device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def peak_dtype(precision: str) -> str:
+    if precision in ("amp_bf16", "bf16"):
+        return "bf16"
+    if precision in ("amp_fp16", "fp16"):
+        return "fp16"
+    # fp32 matmuls use TF32 tensor cores only when allowed.
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def peak_flops(be, precision: str, override_tflops: float = 0.0) -> Optional[float]:
+    """Dense peak FLOP/s of this device for the precision policy; None on CPU or for an
+    unknown device (then no MFU is printed)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if be.device_type == "cpu":
+        return None
+    name = device_name(be).lower().replace("-", " ")
+    for key, peaks in PEAKS:
+        if key in name.replace(" ", "") or key in name:
+            value = peaks.get(peak_dtype(precision))
+            return value * 1e12 if value else None
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Memory.
+
+
+def reset_peak_memory(be):
+    if be.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(be.device)
+    elif be.device_type == "npu":
+        torch.npu.reset_peak_memory_stats(be.device)
+    else:
+        try:  # Linux >= 4.0: "5" resets the peak resident set size (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory(be) -> int:
+    """Peak bytes since :func:`reset_peak_memory`: device allocations, or on CPU the
+    process's peak resident set (everything, Python and libraries included)."""
+    allocated = be.max_memory_allocated()
+    if allocated is not None:
+        return allocated
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------------------
+# Batches.
+
+
+def synthetic_batch(config, task, batch_size: int, device, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A batch shaped like the input pipeline's: normalised images, labels (soft labels
+    when mixup/cutmix are on), and the task's per-sample extras stacked."""
+    gen = torch.Generator().manual_seed(seed)
+    size = config.data.image_size
+    batch = {"image": torch.randn(batch_size, 3, size, size, generator=gen)}
+    num_classes = config.model.get("num_classes", 0) or 1
+    batch["label"] = torch.randint(0, num_classes, (batch_size,), generator=gen)
+    d = config.data
+    if (d.mixup > 0 or d.cutmix > 0) and config.model.get("num_classes", 0):
+        # timm Mixup's targets: a smoothed one-hot mix; the values do not matter here.
+        off = d.label_smoothing / num_classes
+        batch["soft_label"] = torch.full((batch_size, num_classes), off)
+        batch["soft_label"].scatter_(1, batch["label"][:, None], 1.0 - d.label_smoothing + off)
+    extras_fn = getattr(task, "batch_extras", None)
+    if extras_fn is not None:
+        extras = [extras_fn(gen, config) for _ in range(batch_size)]
+        for k in (extras[0] if extras else {}):
+            batch[k] = torch.stack([e[k] for e in extras])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class RealBatches:
+    """The experiment's own training stream, ``skipped`` dropped, moved to the device."""
+
+    def __init__(self, config, be, task, total: int):
+        from mim.data import pipeline
+        self.loader, _, _ = pipeline.train_loader(config, be, task, 0, total)
+        self.it = iter(self.loader)
+        self.device = be.device
+
+    def __call__(self) -> Dict[str, torch.Tensor]:
+        batch = next(self.it)
+        batch.pop("skipped", None)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# mim's step.
+
+
+@dataclasses.dataclass
+class MimRun:
+    state: dict
+    train_step: Callable
+    grad_step: Callable          # never compiled: for the FLOP count
+    groups: List[optim.Group]
+
+
+def build_mim(setup, total_steps: int) -> MimRun:
+    """The train state and step exactly as :func:`mim.train.loop.train` builds them
+    (single process, no sharding).
+
+    TODO(loop): these lines repeat loop.train's; once loop.py factors out a
+    ``build_state(setup, total, steps_per_epoch) -> (state, fns, groups)``, call it."""
+    from mim.train import loop
+    from mim.train import step as step_lib
+    c, be, task = setup.config, setup.be, setup.task
+    params, model_state = setup.init_params()
+    rules = task.param_rules(c)
+    flat = tree.flatten(params)
+    trainable = optim.trainable_names(list(flat), list(rules.frozen) + list(c.optim.frozen))
+    groups = optim.make_groups(
+        {n: flat[n].shape for n in trainable}, weight_decay=c.optim.weight_decay,
+        no_decay_patterns=rules.no_decay, layer_decay=c.optim.layer_decay,
+        layer_id=rules.layer_id, num_layers=rules.num_layers,
+        lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
+    opt = optim.create(c.optim.name, c.optim)
+    state = step_lib.create_state(params, model_state, opt, trainable, be)
+    schedule = loop.schedule_for(c, total_steps, max(total_steps, 1))
+
+    def make(backend):
+        return step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups, schedule,
+                              backend, grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None)
+
+    fns = make(be)
+    eager = make(dataclasses.replace(be, compile=False)) if be.compile else fns
+    return MimRun(state, fns.train_step, eager.grad_step, groups)
+
+
+# ----------------------------------------------------------------------------------------
+# The peer's step.
+
+
+def peer_optimizer(config, model: torch.nn.Module, groups: List[optim.Group], device_type: str):
+    """``torch.optim`` with mim's parameter groups (same names, lr scales and weight
+    decay); names mim does not have (timm's layout differs) get the default group.
+    AdamW for AdamW and LARS (torch has no LARS; the probe trains one linear layer),
+    SGD with momentum for SGD; fused on CUDA, foreach elsewhere."""
+    o = config.optim
+    lr = config_lib.learning_rate(config)
+    by_name = {n: (g.lr_scale, g.weight_decay) for g in groups for n in g.names}
+    keyed: Dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = by_name.get(name, (1.0, 0.0 if p.ndim <= 1 else o.weight_decay))
+        keyed.setdefault(key, []).append(p)
+    param_groups = [{"params": ps, "lr": lr * s, "weight_decay": wd} for (s, wd), ps in keyed.items()]
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    if o.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, **fast)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(o.b1, o.b2), eps=o.eps, **fast)
+
+
+class PeerRun:
+    """The usual PyTorch step: autocast forward, backward (GradScaler for fp16),
+    clipping, ``optimizer.step()``. The bf16/fp16 "O2" policies run as autocast (O1):
+    ``torch.optim`` has no master weights."""
+
+    def __init__(self, config, be, groups, compiled: bool, compile_backend: str = "inductor",
+                 model: Optional[torch.nn.Module] = None):
+        from mim import peers
+        self.config, self.be = config, be
+        torch.manual_seed(config.seed)
+        self.model = model if model is not None else peers.build(config).to(be.device)
+        self.opt = peer_optimizer(config, self.model, groups, be.device_type)
+        self.forward = torch.compile(self.model, backend=compile_backend) if compiled else self.model
+        self.dtype = {"fp32": None, "amp_bf16": torch.bfloat16, "bf16": torch.bfloat16,
+                      "amp_fp16": torch.float16, "fp16": torch.float16}[config.precision]
+        self.scaler = torch.amp.GradScaler(be.device_type) if self.dtype == torch.float16 else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, batch):
+        if self.dtype is None:
+            return self.forward(batch)
+        with torch.autocast(self.be.device_type, dtype=self.dtype):
+            return self.forward(batch)
+
+    def train_step(self, batch):
+        loss = self.loss(batch)
+        clip = self.config.optim.clip_grad
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def forward_backward(self, batch):
+        self.loss(batch).backward()
+        self.opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring.
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def time_steps(step: Callable[[int], object], be, warmup: int, steps: int) -> dict:
+    """Run ``warmup`` then ``steps`` timed steps (``step(i)`` returns a loss tensor)."""
+    reset_peak_memory(be)
+    t0 = time.perf_counter()
+    loss = None
+    for i in range(warmup):
+        loss = step(i)
+    if loss is not None:
+        float(loss)
+    be.synchronize()
+    t1 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        loss = step(i)
+    final = float(loss)        # waits for the device
+    be.synchronize()
+    t2 = time.perf_counter()
+    return {"warmup_s": t1 - t0, "step_s": (t2 - t1) / max(steps, 1), "peak_bytes": peak_memory(be),
+            "final_loss": final}
+
+
+def _free(be):
+    gc.collect()
+    if be.device_type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "compiled"),
+                data: str = "synthetic", compile_backend: str = "inductor",
+                peak_tflops: float = 0.0) -> dict:
+    """Measure mim's step and its peers; returns the figures (see :func:`format_report`)."""
+    from mim.train import loop
+    if data not in ("synthetic", "real"):
+        raise ValueError(f"--data={data!r}: must be synthetic or real")
+    config = config.copy_and_resolve_references()
+    if data == "synthetic" and not config.data.path:
+        config.data.path = "<synthetic>"     # validation wants a path; nothing reads it
+    setup = loop.Setup(config, workdir="")
+    c, be, task = setup.config, setup.be, setup.task
+    if be.distributed:
+        raise RuntimeError("mim.bench measures one device; run it without torchrun")
+    batch_size = c.batch_size
+    total = warmup + steps
+    out = {"config": {"task": c.task, "model": c.model.get("name", c.task), "precision": c.precision,
+                      "batch_size": batch_size, "compile": be.compile, "optimizer": c.optim.name,
+                      "data": data},
+           "device": device_name(be), "steps": steps, "warmup": warmup, "results": {}}
+    peak = peak_flops(be, c.precision, peak_tflops)
+    out["peak_tflops"] = peak / 1e12 if peak else None
+
+    fixed = synthetic_batch(c, task, batch_size, be.device, c.seed) if data == "synthetic" else None
+
+    def batches():
+        if fixed is not None:
+            return lambda: fixed
+        return RealBatches(c, be, task, total)
+
+    # --- mim
+    run = build_mim(setup, total)
+    groups = run.groups
+    flop_batch = fixed if fixed is not None else batches()()
+    flops = count_flops(lambda: run.grad_step(run.state, flop_batch))
+    out["flops_per_image"] = flops / batch_size
+    next_batch = batches()
+
+    def mim_step(i):
+        torch.manual_seed(backend_lib.seed_step(c.seed, i, be.rank))
+        run.state, m = run.train_step(run.state, next_batch())
+        return m["loss"]
+
+    out["results"]["mim"] = time_steps(mim_step, be, warmup, steps)
+    out["results"]["mim"]["flops_per_image"] = out["flops_per_image"]
+    del run, next_batch
+    _free(be)
+
+    # --- peers
+    model = None
+    for kind in peers:
+        if kind not in ("eager", "compiled"):
+            raise ValueError(f"--peer: unknown kind {kind!r} (eager, compiled, none)")
+        peer = PeerRun(c, be, groups, compiled=kind == "compiled", compile_backend=compile_backend,
+                       model=model)
+        model = peer.model          # eager and compiled peers train the same module
+        entry = {}
+        if "flops_per_image" not in out.get("peer", {}):
+            out["peer"] = {"flops_per_image": count_flops(lambda: peer.forward_backward(flop_batch))
+                           / batch_size}
+        next_batch = batches()
+        entry = time_steps(lambda i: peer.train_step(next_batch()), be, warmup, steps)
+        entry["flops_per_image"] = out["peer"]["flops_per_image"]
+        out["results"][f"peer_{kind}"] = entry
+        del peer, next_batch
+        _free(be)
+
+    for name, r in out["results"].items():
+        r["ms_per_step"] = 1e3 * r["step_s"]
+        r["images_per_s"] = batch_size / r["step_s"]
+        # MFU counts the model's FLOPs (mim's count) for every contender.
+        achieved = out["flops_per_image"] * r["images_per_s"]
+        r["tflops_achieved"] = achieved / 1e12
+        r["mfu"] = achieved / peak if peak else None
+    mim = out["results"]["mim"]
+    for kind in peers:
+        r = out["results"][f"peer_{kind}"]
+        out[f"speedup_vs_peer_{kind}"] = mim["images_per_s"] / r["images_per_s"]
+        out[f"memory_vs_peer_{kind}"] = mim["peak_bytes"] / max(r["peak_bytes"], 1)
+    return out
+
+
+def format_report(out: dict) -> str:
+    cfg = out["config"]
+    lines = [f"device: {out['device']}",
+             f"config: task={cfg['task']} model={cfg['model']} precision={cfg['precision']} "
+             f"batch={cfg['batch_size']} optimizer={cfg['optimizer']} mim compile={cfg['compile']} "
+             f"data={cfg['data']}; {out['warmup']} warm-up + {out['steps']} timed steps",
+             f"model FLOPs per image (forward + backward): {out['flops_per_image'] / 1e9:.4g} GFLOP"
+             + (f" (peer counts {out['peer']['flops_per_image'] / 1e9:.4g})" if "peer" in out else ""),
+             "peak: " + (f"{out['peak_tflops']:.1f} TFLOP/s dense" if out["peak_tflops"]
+                         else "unknown (CPU or unlisted device): no MFU")]
+    mem = "peak mem" if not out["device"].startswith("CPU") else "peak RSS"
+    lines.append(f"{'':16s} {'img/s/device':>12s} {'ms/step':>9s} {'TFLOP/s':>9s} {'MFU':>7s} "
+                 f"{mem + ' MiB':>13s} {'warm-up s':>9s}")
+    for name, r in out["results"].items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        lines.append(f"{name:16s} {r['images_per_s']:12.1f} {r['ms_per_step']:9.2f} "
+                     f"{r['tflops_achieved']:9.4f} {mfu:>7s} {r['peak_bytes'] / 2**20:13.0f} "
+                     f"{r['warmup_s']:9.1f}")
+    for key in sorted(out):
+        if key.startswith("speedup_vs_"):
+            kind = key[len("speedup_vs_"):]
+            lines.append(f"mim / {kind}: speed x{out[key]:.2f}, memory x{out['memory_vs_' + kind]:.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Input pipeline.
+
+
+def bench_data(config, *, data_dir: str = "", batches: int = 10, images: int = 200) -> dict:
+    """Decode + augment throughput: one worker in this process, then the loader with
+    ``config.data.num_workers`` workers (``batches`` batches after the first)."""
+    import functools
+
+    from mim import tasks
+    from mim.data import folder, pipeline, transforms
+    c = config.copy_and_resolve_references()
+    if data_dir:
+        c.data.path = data_dir
+    if not c.data.path:
+        raise ValueError("--mode=data needs images: set --data_dir or --config.data.path")
+    split = c.data.train_split
+    if not os.path.isdir(os.path.join(c.data.path, split)):
+        split = ""                           # a folder of class folders
+        c.data.train_split = split
+    task = tasks.get(c.task)
+    extras = functools.partial(pipeline._seed_extras, getattr(task, "batch_extras", None), c)
+    ds = folder.ImageFolder(c.data.path, split, transforms.train_transform(c.data), extras)
+    n = min(images, len(ds))
+    for i in range(min(5, n)):
+        ds[(i, i)]
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[(i % len(ds), 1000 + i)]
+    one = n / (time.perf_counter() - t0)
+
+    workers = c.data.num_workers
+    c.batch_size = min(c.batch_size, len(ds))
+    be = backend_lib.Backend("cpu", torch.device("cpu"), "fp32", False)
+    loader, _, _ = pipeline.train_loader(c, be, task, 0, batches + 1)
+    it = iter(loader)
+    next(it)                                  # worker start-up and the first batch
+    t0 = time.perf_counter()
+    count = 0
+    for batch in it:
+        count += batch["image"].shape[0]
+    dt = time.perf_counter() - t0
+    total = count / dt if dt > 0 else float("nan")
+    return {"path": ds.root, "images_in_split": len(ds), "image_size": c.data.image_size,
+            "one_worker_images_per_s": one, "num_workers": workers, "batch_size": c.batch_size,
+            "loader_images_per_s": total, "loader_images_per_s_per_worker": total / max(workers, 1),
+            "cpu_count": os.cpu_count()}
+
+
+def format_data_report(r: dict) -> str:
+    return "\n".join([
+        f"images: {r['path']} ({r['images_in_split']} in split), train transform at {r['image_size']} px",
+        f"one worker (in process): {r['one_worker_images_per_s']:.1f} images/s",
+        f"loader, {r['num_workers']} worker(s), batch {r['batch_size']}: {r['loader_images_per_s']:.1f} "
+        f"images/s ({r['loader_images_per_s_per_worker']:.1f} per worker; {r['cpu_count']} CPU cores)"])
+
+
+# ----------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv):
+    from absl import app
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _CONFIG.value
+    if _MODE.value == "data":
+        result = bench_data(config, data_dir=_DATA_DIR.value, batches=_STEPS.value)
+        text = format_data_report(result)
+    else:
+        kinds = [k for k in _PEER.value.split(",") if k and k != "none"]
+        result = bench_train(config, steps=_STEPS.value, warmup=_WARMUP.value, peers=kinds,
+                             data=_DATA.value, compile_backend=_COMPILE_BACKEND.value,
+                             peak_tflops=_PEAK.value)
+        text = format_report(result)
+    print(text, flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file: experiments/X.py[:arg]",
+                                              lock_config=True)
+    _MODE = flags.DEFINE_enum("mode", "train", ["train", "data"], "train step or input pipeline")
+    _STEPS = flags.DEFINE_integer("steps", 10, "timed steps (train) or batches (data)")
+    _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps first (compilation happens here)")
+    _PEER = flags.DEFINE_string("peer", "eager,compiled", "peers to measure: eager, compiled, or none")
+    _DATA = flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"], "batches for --mode=train")
+    _DATA_DIR = flags.DEFINE_string("data_dir", "", "--mode=data: images (default: config.data.path)")
+    _COMPILE_BACKEND = flags.DEFINE_string("compile_backend", "inductor", "torch.compile backend of the peer")
+    _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "dense peak TFLOP/s of the device (overrides the table)")
+    _JSON = flags.DEFINE_string("json", "", "also write the figures to this JSON file")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
