@@ -15,7 +15,7 @@ from mim.checkpoints import io
 from mim.checkpoints import swin as swin_ckpt
 from mim.data import masks
 from mim.models import simmim, swin, vit
-from mim.tasks import classify, simmim_pretrain
+from mim.tasks import simmim_pretrain
 from mim.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
