@@ -16,6 +16,7 @@ INIT_FORMATS = {
     "timm": "mim.checkpoints.timm_vit",
     "mae": "mim.checkpoints.mae",
     "swin": "mim.checkpoints.swin",
+    "simmim": "mim.checkpoints.swin",   # SimMIM pretraining (Swin or ViT encoder)
 }
 
 
@@ -81,6 +82,7 @@ def base() -> ml_collections.ConfigDict:
     o.schedule = "cosine"         # cosine | constant
     o.warmup_epochs = 0.0
     o.warmup_steps = 0            # wins over warmup_epochs when > 0
+    o.warmup_init_lr = 0.0        # lr at step 0 of the linear warm-up (SimMIM's WARMUP_LR)
     o.weight_decay = 0.0
     o.b1 = 0.9
     o.b2 = 0.999
@@ -148,6 +150,8 @@ def validate(c, world_size: int = 1) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must be in [0, 1)")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+    _check(0 <= o.warmup_init_lr <= learning_rate(c), "optim.warmup_init_lr",
+           f"must be in [0, lr={learning_rate(c)}], got {o.warmup_init_lr}")
     d = c.data
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
            f"must be (min, max) in (0, 1], got {tuple(d.crop_scale)}")

@@ -82,11 +82,11 @@ def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int = 0,
     return schedule
 
 
-def warmup_constant(base_lr: float, warmup_steps: int = 0):
+def warmup_constant(base_lr: float, warmup_steps: int = 0, warmup_init_lr: float = 0.0):
     def schedule(step: torch.Tensor) -> torch.Tensor:
         s = step.to(torch.float32)
-        return base_lr * torch.clamp(s / max(warmup_steps, 1), max=1.0) if warmup_steps else \
-            torch.full_like(s, base_lr)
+        frac = torch.clamp(s / max(warmup_steps, 1), max=1.0) if warmup_steps else torch.ones_like(s)
+        return warmup_init_lr + (base_lr - warmup_init_lr) * frac
 
     return schedule
 

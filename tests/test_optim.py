@@ -152,3 +152,12 @@ def test_clip_matches_torch():
     torch.testing.assert_close(got, want)
     for t, r in zip(a, b):
         torch.testing.assert_close(t, r.grad)
+
+
+def test_warmup_from_init_lr_and_constant_schedule():
+    cos = optim.warmup_cosine(1.0, total_steps=20, warmup_steps=10, warmup_init_lr=0.1)
+    assert abs(cos(torch.tensor(0)).item() - 0.1) < 1e-7
+    assert abs(cos(torch.tensor(5)).item() - 0.55) < 1e-6
+    const = optim.warmup_constant(2.0, warmup_steps=4, warmup_init_lr=1.0)
+    assert [round(const(torch.tensor(s)).item(), 6) for s in (0, 2, 4, 9)] == [1.0, 1.5, 2.0, 2.0]
+    assert optim.warmup_constant(3.0)(torch.tensor(7)).item() == 3.0

@@ -55,8 +55,8 @@ def schedule_for(config, total_steps: int, steps_per_epoch: int):
     o = config.optim
     warmup = o.warmup_steps or int(round(o.warmup_epochs * steps_per_epoch))
     if o.schedule == "cosine":
-        return optim.warmup_cosine(lr, total_steps, warmup, o.min_lr)
-    return optim.warmup_constant(lr, warmup)
+        return optim.warmup_cosine(lr, total_steps, warmup, o.min_lr, o.warmup_init_lr)
+    return optim.warmup_constant(lr, warmup, o.warmup_init_lr)
 
 
 class Setup:
