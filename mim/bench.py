@@ -502,6 +502,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _CONFIG.value
+    if _THREADS.value:
+        torch.set_num_threads(_THREADS.value)
     if _MODE.value == "data":
         result = bench_data(config, data_dir=_DATA_DIR.value, batches=_STEPS.value)
         text = format_data_report(result)
@@ -531,6 +533,7 @@ if __name__ == "__main__":
     _DATA_DIR = flags.DEFINE_string("data_dir", "", "--mode=data: images (default: config.data.path)")
     _COMPILE_BACKEND = flags.DEFINE_string("compile_backend", "inductor", "torch.compile backend of the peer")
     _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "dense peak TFLOP/s of the device (overrides the table)")
+    _THREADS = flags.DEFINE_integer("threads", 0, "CPU: torch.set_num_threads (0: torch's default)")
     _JSON = flags.DEFINE_string("json", "", "also write the figures to this JSON file")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -78,14 +78,23 @@ def test_peak_table():
 
 @pytest.mark.parametrize("name", ["vit_b32.py", "mae_base.py"])
 def test_train_step_is_one_graph(name, one_thread):
-    """No graph break and no host round trip in the whole step (forward, torch.func
-    backward, clipping, optimizer): what torch.compile needs to wrap it as one graph."""
+    """The whole step (forward, torch.func backward, clipping, optimizer) traces with no
+    graph break (fullgraph) and is not traced again on later steps: what torch.compile
+    needs to wrap it as one graph. The ViT has stochastic depth, so the step draws."""
+    import torch._dynamo.testing
+    from mim import backend as backend_lib
     from mim.train import loop
     c = tiny(os.path.join(ROOT, "experiments", name))
     c.optim.clip_grad = 1.0
+    if name == "vit_b32.py":
+        c.model.drop_path_rate = 0.1
     setup = loop.Setup(c, "")
     run = bench.build_mim(setup, 10)
     batch = bench.synthetic_batch(c, setup.task, c.batch_size, "cpu")
-    explained = torch._dynamo.explain(run.train_step)(run.state, batch)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    assert explained.graph_count == 1
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(run.train_step, backend=counter, fullgraph=True)
+    for i in range(3):
+        torch.manual_seed(backend_lib.seed_step(0, i, 0))
+        run.state, metrics = step(run.state, batch)
+    assert counter.frame_count == 1
+    assert int(run.state["step"]) == 3 and torch.isfinite(metrics["loss"])
