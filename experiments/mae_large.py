@@ -13,14 +13,9 @@ Variants:
     :tiny   the shared tiny model (see experiments/_mae_common.py) on the bundled subset.
     :perf   50 steps that print throughput (images/s per device).
 """
-import importlib.util
-import os
+from mim.config import import_sibling
 
-# Shared recipe and tiny settings, loaded by path (experiments/ is not a package).
-_spec = importlib.util.spec_from_file_location(
-    "mim_experiments_mae_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mae_common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+common = import_sibling(__file__, "_mae_common.py")  # shared recipe and tiny settings
 
 
 def get_config(arg=None):

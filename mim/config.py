@@ -172,5 +172,17 @@ def validate(c, world_size: int = 1) -> None:
                f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}")
 
 
+def import_sibling(experiment_file: str, name: str):
+    """Import ``name`` from the folder of ``experiment_file``: shared recipe settings
+    (``experiments/_mae_common.py``) without making ``experiments/`` a package."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(experiment_file)), name)
+    spec = importlib.util.spec_from_file_location(f"mim_experiments_{name[:-3].lstrip('_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def learning_rate(c) -> float:
     return c.optim.lr if c.optim.lr > 0 else c.optim.base_lr * c.batch_size / 256
