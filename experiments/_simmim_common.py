@@ -18,7 +18,7 @@ import os
 import ml_collections
 
 from mim import config as config_lib
-from mim.models import simmim, swin, vit
+from mim.models import beit, simmim, swin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "third_party", "cifar10-mini")
@@ -40,7 +40,8 @@ def absolute(reference_lr: float, batch: int = REFERENCE_BATCH) -> float:
 # Tiny: 32-px images. Swin with 4-px patches (an 8x8 grid) and two stages, so the
 # encoder stride is 8 and each 8-px mask patch is one output feature, as each 32-px mask
 # patch is for Swin-B (stride 32). ViT with 4-px patches and the same 8-px mask patches
-# (2x2 tokens, as 32 / 16 for ViT-B).
+# (2x2 tokens, as 32 / 16 for ViT-B); its relative position bias tables are for the 8x8
+# grid, (2*8-1)^2 + 3 rows.
 
 TINY_SWIN = dict(img_size=32, patch_size=4, embed_dim=64, depths=(2, 2), num_heads=(2, 4),
                  window_size=4)
@@ -88,8 +89,12 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         # Swin-B, 192 px, window 6, no stochastic depth (DROP_PATH_RATE 0.0).
         c.model = simmim.config("swin")
     else:
-        # ViT-B/16 at 224 px, drop path 0.1, layer scale 0.1 (VIT.INIT_VALUES).
-        c.model = simmim.config("vit", encoder=dict(drop_path_rate=0.1, layer_scale_init=0.1))
+        # ViT-B/16 at 224 px, BEiT-style (config.py's VIT defaults and the yaml): no absolute
+        # position embedding, one relative position bias shared by the blocks, q/v biases,
+        # layer scale 0.1 (VIT.INIT_VALUES), drop path 0.1.
+        c.model = simmim.config("vit", encoder=dict(
+            drop_path_rate=0.1, layer_scale_init=0.1, use_abs_pos_emb=False,
+            use_shared_rel_pos_bias=True, use_rel_pos_bias=False, qkv_bias=True))
     c.model.update(mask_patch_size=32, mask_ratio=0.6)   # DATA.MASK_PATCH_SIZE / MASK_RATIO
     base_lr, min_lr, epochs = PRETRAIN[backbone]
     c.batch_size = REFERENCE_BATCH
@@ -158,11 +163,15 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
         c.model = swin.config(img_size=224, embed_dim=dim, depths=depths, num_heads=heads,
                               window_size=7, drop_path_rate=0.1, num_classes=1000)
     else:
-        # ViT-B/16, mean pooling + fc_norm (VIT.USE_MEAN_POOLING), layer scale 0.1, head
-        # trunc-normal(0.02) scaled by init_scale 0.001 (vision_transformer.py).
-        c.model = vit.config(patch_size=16, embed_dim=768, depth=12, num_heads=12, img_size=224,
-                             num_classes=1000, global_pool="avg", drop_path_rate=0.1,
-                             layer_scale_init=0.1, head_init_std=2e-5)
+        # ViT-B/16, BEiT-style as the fine-tuning yaml: relative position bias in every block
+        # (VIT.USE_RPB; the pretrained shared table is copied into each at load time), no
+        # absolute position embedding, mean pooling + fc_norm (VIT.USE_MEAN_POOLING), layer
+        # scale 0.1, q/v biases, head trunc-normal(0.02) scaled by init_scale 0.001
+        # (vision_transformer.py).
+        c.model = beit.config(patch_size=16, embed_dim=768, depth=12, num_heads=12, img_size=224,
+                              num_classes=1000, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                              use_shared_rel_pos_bias=False, layer_scale_init=0.1, qkv_bias=True,
+                              global_pool="avg", drop_path_rate=0.1, init_scale=0.001)
     base_lr, min_lr, layer_decay = FINETUNE[backbone]
     c.init.format = "swin"         # SimMIM checkpoints, either backbone (mim.checkpoints.swin)
     c.batch_size = REFERENCE_BATCH

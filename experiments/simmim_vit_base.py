@@ -1,8 +1,12 @@
 """SimMIM pretraining of ViT-B/16 on ImageNet-1k (Xie et al. 2022; microsoft/SimMIM's
 configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml).
 
-224 px, 32-px mask patches (2x2 tokens) at ratio 0.6, drop path 0.1, layer scale 0.1.
-AdamW (0.9, 0.999), weight decay 0.05 (none on biases, norms, pos_embed and cls_token),
+The encoder is the reference's BEiT-style ViT-B/16 (mim.models.beit): no absolute position
+embedding, one relative position bias shared by all blocks (VIT.USE_SHARED_RPB), q/v
+biases, layer scale 0.1, drop path 0.1; the tree has the official SimMIM keys, so
+microsoft's ViT checkpoints load (mim.checkpoints.swin.load_official) and mim's export.
+224 px, 32-px mask patches (2x2 tokens) at ratio 0.6.
+AdamW (0.9, 0.999), weight decay 0.05 (none on 1-D tensors, pos_embed and cls_token),
 clipping at 5.0, global batch 2048, 800 epochs with 10 warm-up. The reference's BASE_LR
 1e-4 is per 512 images (lr = 4e-4 at batch 2048); mim's base_lr is per 256: 5e-5.
 Reference: 83.8% top-1 after fine-tuning (experiments/simmim_vit_base_finetune.py).
@@ -10,15 +14,13 @@ Reference: 83.8% top-1 after fine-tuning (experiments/simmim_vit_base_finetune.p
     python -m mim.main --config=experiments/simmim_vit_base.py --workdir=runs/simmim_vit_base \
         --config.data.path=/data/imagenet
 
-Differences from the reference, which its 83.8% may depend on (docs/simmim.md): mim's
-ViT has a learned absolute position embedding where the reference uses a relative
-position bias shared by all blocks (VIT.USE_SHARED_RPB, no APE), so official ViT SimMIM
-checkpoints cannot be imported; and the reference decays the lr x0.1 at epoch 700
-(multistep) where this file decays by cosine to 2e-5 (the config.py default MIN_LR 5e-6
-per 512), for lack of a multistep schedule in mim.
+Difference from the reference (docs/simmim.md): the reference decays the lr x0.1 at
+epoch 700 (multistep) where this file decays by cosine to 2e-5 (the config.py default
+MIN_LR 5e-6 per 512), for lack of a multistep schedule in mim; its warm-up starts at
+WARMUP_LR 5e-7, mim's at 0.
 
 Variants:
-    :tiny   a 4-block, 128-d ViT (patch 4) with 8-px mask patches on the bundled 32-px
+    :tiny   a 4-block, 128-d BEiT-style ViT (patch 4) with 8-px mask patches on the bundled 32-px
             CIFAR-10 subset, 600 steps on 2 CPU cores; see docs/simmim.md.
     :perf   50 steps that print throughput (images/s per device).
 """

@@ -1,6 +1,8 @@
 """SimMIM: mim's functions against nn.Module references written here after
 microsoft/SimMIM's ``SimMIM`` / ``SwinTransformerForSimMIM`` / ``VisionTransformerForSimMIM``,
-built on timm's Swin and ViT, plus the Swin checkpoint import/export."""
+built on timm's Swin and BEiT (the reference's ViT is BEiT's, and timm's ``Beit`` has its
+layout), plus the checkpoint import/export in the official layouts."""
+import functools
 
 import numpy as np
 import pytest
@@ -10,10 +12,10 @@ import torch.nn.functional as F
 from mim import tree
 from mim.checkpoints import swin as ckpt
 from mim.data import masks
-from mim.models import simmim, swin
+from mim.models import beit, simmim, swin
 
 timm_swin = pytest.importorskip("timm.models.swin_transformer")
-timm_vit = pytest.importorskip("timm.models.vision_transformer")
+timm_beit = pytest.importorskip("timm.models.beit")
 
 TOL = 1e-5
 
@@ -37,7 +39,8 @@ class RefSimMIM(torch.nn.Module):
     def __init__(self, encoder, kind, mask_token, stride, patch, in_chans, num_features):
         super().__init__()
         self.encoder, self.kind, self.patch, self.in_chans = encoder, kind, patch, in_chans
-        self.mask_token = torch.nn.Parameter(mask_token.clone())
+        # None: the encoder holds the mask token (the official module's layout).
+        self.mask_token = torch.nn.Parameter(mask_token.clone()) if mask_token is not None else None
         self.decoder = torch.nn.Sequential(
             torch.nn.Conv2d(num_features, stride ** 2 * 3, kernel_size=1), torch.nn.PixelShuffle(stride))
 
@@ -49,10 +52,19 @@ class RefSimMIM(torch.nn.Module):
             t = t * (1.0 - w) + self.mask_token.view(1, 1, 1, -1) * w
             t = e.norm(e.layers(t))
             return t.permute(0, 3, 1, 2)
+        # VisionTransformerForSimMIM (BEiT-style): mask token, class token, optional
+        # absolute embedding, shared relative position bias, blocks, final norm.
         B, L, _ = t.shape
         w = mask.flatten(1).unsqueeze(-1).type_as(t)
-        t = t * (1 - w) + self.mask_token.expand(B, L, -1) * w
-        t = e.norm(e.blocks(e._pos_embed(t)))[:, 1:]
+        token = self.mask_token if self.mask_token is not None else e.mask_token
+        t = t * (1 - w) + token.expand(B, L, -1) * w
+        t = torch.cat([e.cls_token.expand(B, -1, -1), t], dim=1)
+        if e.pos_embed is not None:
+            t = t + e.pos_embed
+        shared = e.rel_pos_bias() if e.rel_pos_bias is not None else None
+        for blk in e.blocks:
+            t = blk(t, shared_rel_pos_bias=shared)
+        t = e.norm(t)[:, 1:]
         H = W = int(L ** 0.5)
         return t.permute(0, 2, 1).reshape(B, -1, H, W)
 
@@ -62,6 +74,17 @@ class RefSimMIM(torch.nn.Module):
         m = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1).contiguous()
         loss_recon = F.l1_loss(x, x_rec, reduction="none")
         return (loss_recon * m).sum() / (m.sum() + 1e-5) / self.in_chans, x_rec
+
+
+def timm_encoder(enc):
+    """timm's Beit for a SimMIM ViT encoder config (no head, final norm, no fc_norm)."""
+    return timm_beit.Beit(
+        img_size=enc.img_size, patch_size=enc.patch_size, in_chans=enc.in_chans, num_classes=0,
+        global_pool="token", embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
+        qkv_bias=enc.qkv_bias, mlp_ratio=enc.mlp_ratio, drop_path_rate=0.0,
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=enc.norm_eps),
+        init_values=enc.layer_scale_init or None, use_abs_pos_emb=enc.use_abs_pos_emb,
+        use_rel_pos_bias=enc.use_rel_pos_bias, use_shared_rel_pos_bias=enc.use_shared_rel_pos_bias)
 
 
 def reference_for(params, cfg):
@@ -74,9 +97,7 @@ def reference_for(params, cfg):
             depths=enc.depths, num_heads=enc.num_heads, window_size=enc.window_size, drop_path_rate=0.0)
         m.load_state_dict(timm_swin.checkpoint_filter_fn(flat, m), strict=True)
     else:
-        m = timm_vit.VisionTransformer(
-            img_size=enc.img_size, patch_size=enc.patch_size, num_classes=0, embed_dim=enc.embed_dim,
-            depth=enc.depth, num_heads=enc.num_heads, drop_path_rate=0.0)
+        m = timm_encoder(enc)
         m.load_state_dict(flat, strict=True)
     ref = RefSimMIM(m, enc.name, mask_token, simmim.encoder_stride(cfg), simmim.patch_size(cfg),
                     enc.in_chans, simmim.num_features(cfg)).eval()
@@ -86,9 +107,11 @@ def reference_for(params, cfg):
 
 
 def randomise(params, gen):
+    """Biases, norms, relative position tables and layer scales off their constant inits."""
     return tree.map_with_name(
         lambda n, t: t + 0.1 * torch.randn(t.shape, generator=gen)
-        if (n.endswith("bias") or "norm" in n) else t, params)
+        if (n.endswith(("bias", "relative_position_bias_table")) or "norm" in n or "gamma" in n)
+        else t, params)
 
 
 @pytest.mark.parametrize("make_cfg", [swin_cfg, vit_cfg], ids=["swin", "vit"])
@@ -107,6 +130,83 @@ def test_loss_and_reconstruction_match_reference(make_cfg):
     print(f"{cfg.encoder.name}: |loss diff| {ldiff:.2e}, max |rec diff| {rdiff:.2e}")
     assert ldiff < TOL and rdiff < TOL
     assert aux["reconstruction"].shape == x.shape
+
+
+class OfficialSimMIMViT(RefSimMIM):
+    """microsoft/SimMIM's ``SimMIM(VisionTransformerForSimMIM)`` as far as its state_dict
+    and loss go: the mask token is the encoder's own parameter (after ``cls_token``), the
+    ``relative_position_index`` buffers are persistent, the decoder is ``decoder.0``."""
+
+    def __init__(self, cfg):
+        enc = cfg.encoder
+        e = timm_encoder(enc)
+        e.mask_token = torch.nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
+        torch.nn.init.trunc_normal_(e.mask_token, std=0.02, a=-0.02, b=0.02)
+        for mod in e.modules():
+            if isinstance(getattr(mod, "relative_position_index", None), torch.Tensor):
+                mod.register_buffer("relative_position_index", mod.relative_position_index, persistent=True)
+        super().__init__(e, "beit", None, simmim.encoder_stride(cfg), simmim.patch_size(cfg),
+                         enc.in_chans, simmim.num_features(cfg))
+
+
+def test_official_simmim_vit_checkpoint_loads_reproduces_the_loss_and_exports_back(tmp_path):
+    """An official-layout SimMIM ViT pretraining state dict (BEiT-style encoder, shared
+    relative position bias, q/v biases, gammas) loads strictly into mim, gives the
+    reference's loss for the same input and mask, and exports back to the same dict."""
+    cfg = vit_cfg()
+    gen = torch.Generator().manual_seed(0)
+    ref = OfficialSimMIMViT(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    sd = ref.state_dict()
+    keys = list(sd)
+    assert keys[:4] == ["encoder.cls_token", "encoder.mask_token", "encoder.patch_embed.proj.weight",
+                        "encoder.patch_embed.proj.bias"]
+    for k in ("encoder.rel_pos_bias.relative_position_bias_table", "encoder.rel_pos_bias.relative_position_index",
+              "encoder.blocks.0.gamma_1", "encoder.blocks.0.gamma_2", "encoder.blocks.0.norm1.weight",
+              "encoder.blocks.0.attn.qkv.weight", "encoder.blocks.0.attn.q_bias", "encoder.blocks.0.attn.v_bias",
+              "encoder.blocks.1.attn.proj.bias", "encoder.blocks.1.mlp.fc2.weight", "encoder.norm.weight",
+              "decoder.0.weight", "decoder.0.bias"):
+        assert k in sd, k
+    assert not any(k.startswith(("encoder.pos_embed", "encoder.fc_norm", "encoder.head")) or
+                   "qkv.bias" in k for k in keys)
+    # mim's tree is the state dict less the index buffers, in the same order.
+    mine = list(tree.flatten(simmim.init(torch.Generator(), cfg)))
+    assert mine == [k for k in keys if not k.endswith("relative_position_index")]
+
+    path = tmp_path / "simmim_vit.pth"
+    torch.save({"model": sd, "epoch": 799}, path)
+    params = ckpt.load_official(path, cfg)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    mask = masks.simmim_masks(gen, 2, 64, 32, simmim.patch_size(cfg), 0.6)
+    loss, aux = simmim.apply(params, x, cfg, mask=mask)
+    with torch.no_grad():
+        ref_loss, ref_rec = ref(x, mask)
+    ldiff = (loss - ref_loss).abs().item()
+    rdiff = (aux["reconstruction"] - ref_rec).abs().max().item()
+    print(f"official ViT: loss {loss.item():.4f}, |loss diff| {ldiff:.2e}, max |rec diff| {rdiff:.2e}")
+    assert ldiff < TOL and rdiff < TOL
+
+    out = ckpt.export_official(params, cfg)
+    assert list(out) == keys
+    assert all(torch.equal(out[k], sd[k]) for k in keys)
+    again = OfficialSimMIMViT(cfg)
+    again.load_state_dict(out, strict=True)
+
+
+def test_vit_encoder_is_the_references_beit_style_vit():
+    c = simmim.config("vit")
+    e = c.encoder
+    assert e.name == "beit" and (e.img_size, e.patch_size, e.embed_dim, e.depth) == (224, 16, 768, 12)
+    assert (e.use_abs_pos_emb, e.use_rel_pos_bias, e.use_shared_rel_pos_bias) == (False, False, True)
+    assert (e.qkv_bias, e.layer_scale_init, e.global_pool, e.init_trunc_at_std) == (True, 0.1, "token", True)
+    params = tree.flatten(simmim.init(torch.Generator().manual_seed(0), vit_cfg()))
+    # VisionTransformerForSimMIM truncates every init at one standard deviation.
+    assert params["encoder.mask_token"].abs().max() <= 0.02
+    assert params["encoder.blocks.0.attn.qkv.weight"].abs().max() <= 0.02
+    with pytest.raises(ValueError, match="global_pool"):
+        simmim.config("vit", encoder=dict(global_pool="avg"))
 
 
 def test_tree_keys_are_the_reference_module_keys():
@@ -209,7 +309,7 @@ def test_load_errors_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \['encoder.norm.weight'\].*unexpected keys "
                                          r"\['encoder.extra.weight'\]"):
         ckpt.load_official(bad, cfg)
-    with pytest.raises(ValueError, match="not a Swin"):
+    with pytest.raises(ValueError, match="not a Swin/ViT"):
         ckpt.load_official({"foo": torch.zeros(1)})
 
     class Evil:

@@ -14,8 +14,8 @@ from mim import optim, tree
 from mim.checkpoints import io
 from mim.checkpoints import swin as swin_ckpt
 from mim.data import masks
-from mim.models import simmim, swin, vit
-from mim.tasks import simmim_pretrain
+from mim.models import beit, simmim, swin, vit
+from mim.tasks import classify, simmim_pretrain
 from mim.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,34 +165,78 @@ def test_load_for_finetune_swin_classification_checkpoint_keeps_matching_head(tm
 
 
 def test_load_for_finetune_vit(tmp_path):
-    """SimMIM ViT pretraining -> mean-pooled ViT: mask token, decoder and final norm
-    dropped, fc_norm and head fresh, pos_embed resized when the grid changes."""
-    enc = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, layer_scale_init=0.1)
+    """SimMIM ViT pretraining (shared relative position bias) -> the fine-tuning ViT with a
+    table per block, as remap_pretrained_keys_vit: the shared table copied into every block
+    (resized, class-token rows kept, when the grid changes), mask token, decoder and final
+    norm dropped, fc_norm and head fresh; every other weight equal."""
+    enc = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     pre_cfg = simmim.config("vit", encoder=enc)
-    pre = simmim.init(torch.Generator().manual_seed(1), pre_cfg)
+    gen = torch.Generator().manual_seed(1)
+    pre = tree.map(lambda t: t + 0.1 * torch.randn(t.shape, generator=gen),
+                   simmim.init(torch.Generator().manual_seed(1), pre_cfg))
     save_mim_checkpoint(str(tmp_path), pre)
+    official = str(tmp_path / "simmim_vit_official.pth")
+    torch.save({"model": swin_ckpt.export_official(pre, pre_cfg)}, official)
     pre = tree.flatten(pre)
+    shared = pre["encoder.rel_pos_bias.relative_position_bias_table"]
     for img in (32, 48):
-        cfg = vit.config(**dict(enc, img_size=img), num_classes=10, global_pool="avg", head_init_std=2e-5)
-        fresh = tree.flatten(vit.init(torch.Generator().manual_seed(2), cfg))
+        cfg = beit.config(**dict(enc, img_size=img), num_classes=10)
+        fresh = tree.flatten(beit.init(torch.Generator().manual_seed(2), cfg))
         out = tree.flatten(swin_ckpt.load_for_finetune(tree.unflatten(fresh), str(tmp_path), cfg))
+        from_official = tree.flatten(swin_ckpt.load_for_finetune(tree.unflatten(fresh), official, cfg))
         assert list(out) == list(fresh) and "norm.weight" not in out
+        assert not any(k.startswith("rel_pos_bias") for k in out)
         for k, v in out.items():
+            assert torch.equal(from_official[k], v), k
             if k.startswith(("head.", "fc_norm.")):
                 assert torch.equal(v, fresh[k])
-            elif k == "pos_embed" and img != 32:
-                torch.testing.assert_close(v, vit.resize_pos_embed(pre["encoder.pos_embed"], img // 4, 1))
+            elif k.endswith("relative_position_bias_table"):
+                want = shared if img == 32 else beit.resize_rel_pos_bias(shared, img // 4)
+                torch.testing.assert_close(v, want, rtol=0, atol=0)
+                assert torch.equal(v[-3:], shared[-3:])
             else:
                 assert torch.equal(v, pre["encoder." + k]), k
 
 
-def test_official_beit_style_vit_is_a_clear_error(tmp_path):
+def test_load_for_finetune_vit_classification_checkpoint_keeps_its_head(tmp_path):
+    """A fine-tuned ViT (per-block tables, fc_norm, head; e.g. for --config.mode=eval)
+    loads whole."""
+    cfg = beit.config(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    trained = tree.map(lambda t: t + 1.0, beit.init(torch.Generator().manual_seed(3), cfg))
+    path = str(tmp_path / "vit_ft.pth")
+    torch.save({"model": swin_ckpt.export_official(trained, cfg)}, path)
+    out = swin_ckpt.load_for_finetune(beit.init(torch.Generator().manual_seed(4), cfg), path, cfg)
+    for k, v in tree.flatten(trained).items():
+        assert torch.equal(tree.flatten(out)[k], v), k
+
+
+def test_timm_layout_vit_is_a_clear_error(tmp_path):
     path = str(tmp_path / "simmim_vit.pth")
     torch.save({"model": {"encoder.rel_pos_bias.relative_position_bias_table": torch.zeros(3, 2),
                           "encoder.blocks.0.gamma_1": torch.zeros(4)}}, path)
     cfg = vit.config(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10)
-    with pytest.raises(ValueError, match="relative position bias"):
+    with pytest.raises(ValueError, match="model.name='beit'"):
         swin_ckpt.load_for_finetune(vit.init(torch.Generator(), cfg), path, cfg)
+
+
+def test_finetune_param_rules_are_the_references():
+    """build_finetune_optimizer for ViT: layer ids of get_vit_layer with num_layers =
+    depth + 2, no decay on 1-D tensors, pos_embed and cls_token (the tables are decayed)."""
+    c = experiment("simmim_vit_base_finetune", None)
+    assert c.model.name == "beit" and classify.model(c) is beit
+    rules = classify.param_rules(c)
+    names = {n: t.shape for n, t in tree.flatten(beit.init(torch.Generator(), c.model)).items()}
+    groups = optim.make_groups(names, weight_decay=0.05, no_decay_patterns=rules.no_decay,
+                               layer_decay=0.65, layer_id=rules.layer_id, num_layers=rules.num_layers)
+    scale = {n: g.lr_scale for g in groups for n in g.names}
+    wd = {n: g.weight_decay for g in groups for n in g.names}
+    assert scale["cls_token"] == pytest.approx(0.65 ** 13)
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.65 ** 13)
+    assert scale["blocks.0.attn.relative_position_bias_table"] == pytest.approx(0.65 ** 12)
+    assert scale["blocks.11.mlp.fc2.weight"] == pytest.approx(0.65)
+    assert scale["head.weight"] == scale["fc_norm.weight"] == 1.0
+    assert {n for n, d in wd.items() if d == 0} == {n for n, s in names.items() if len(s) == 1} | {"cls_token"}
+    assert wd["blocks.3.attn.relative_position_bias_table"] == 0.05
 
 
 # ----------------------------------------------------------------------------------------
@@ -233,7 +277,18 @@ def test_full_configs_validate_and_have_the_reference_geometry():
     assert ft.init.format == "swin" and ft.optim.warmup_epochs == 20
     v = experiment("simmim_vit_base", None, **{"data.path": "/data"})
     config_lib.validate(v)
-    assert (v.model.encoder.patch_size, v.model.encoder.img_size, v.epochs) == (16, 224, 800)
+    simmim_pretrain.check(v)
+    e = v.model.encoder
+    assert (e.patch_size, e.img_size, v.epochs) == (16, 224, 800)
+    assert (e.use_abs_pos_emb, e.use_shared_rel_pos_bias, e.use_rel_pos_bias) == (False, True, False)
+    assert (e.layer_scale_init, e.drop_path_rate, e.qkv_bias) == (0.1, 0.1, True)
+    vf = experiment("simmim_vit_base_finetune", None, **{"data.path": "/data"})
+    config_lib.validate(vf)
+    m = vf.model
+    assert m.name == "beit" and (m.use_abs_pos_emb, m.use_rel_pos_bias, m.use_shared_rel_pos_bias) == \
+        (False, True, False)
+    assert (m.layer_scale_init, m.global_pool, m.drop_path_rate, m.init_scale) == (0.1, "avg", 0.1, 0.001)
+    assert (vf.optim.layer_decay, vf.init.format, vf.optim.warmup_epochs) == (0.65, "swin", 20)
 
 
 def test_pretrain_weight_decay_skips_the_references_names():

@@ -1,4 +1,5 @@
-"""Import and export of official Swin Transformer and SimMIM checkpoints.
+"""Import and export of official Swin Transformer and SimMIM checkpoints (Swin and the
+reference's BEiT-style ViT, ``mim.models.beit``).
 
 mim's Swin tree already uses microsoft/Swin-Transformer's key names, so importing is an
 unflatten after dropping the non-learned buffers (``relative_position_index``,
@@ -6,7 +7,9 @@ unflatten after dropping the non-learned buffers (``relative_position_index``,
 
 * Swin classification checkpoints (``{"model": state_dict}``, official layout),
 * SimMIM pre-training checkpoints (``encoder.*``, ``decoder.0.*``; microsoft/SimMIM),
-* SimMIM fine-tuning checkpoints (a plain ``SwinTransformer`` state dict),
+  with a Swin or a ViT encoder,
+* SimMIM fine-tuning checkpoints (a plain ``SwinTransformer`` or ``VisionTransformer``
+  state dict; the ViT's keys are BEiT's, which timm's ``Beit`` shares),
 
 and, for convenience, timm-layout Swin weights (``layers.{i+1}.downsample``, ``head.fc``),
 mapped back to the official layout. Files are read with ``torch.load(weights_only=True)``
@@ -23,7 +26,7 @@ from typing import Dict, Optional
 import torch
 
 from mim import tree as T
-from mim.models import swin
+from mim.models import beit, swin
 
 _BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 _TABLE = "relative_position_bias_table"
@@ -90,22 +93,25 @@ def _check_keys(sd: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], 
 
 
 def expected_shapes(cfg) -> Dict[str, torch.Tensor]:
-    """Flat meta tensors of the tree ``cfg`` describes (a Swin or a SimMIM config)."""
+    """Flat meta tensors of the tree ``cfg`` describes (a Swin, BEiT-style ViT or SimMIM
+    config)."""
     with torch.device("meta"):
         if cfg.name == "simmim":
             from mim.models import simmim
             return T.flatten(simmim.init(torch.Generator(), cfg))
+        if cfg.name == "beit":
+            return T.flatten(beit.init(torch.Generator(), cfg))
         return T.flatten(swin.init(torch.Generator(), cfg))
 
 
 def _official_swin_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Buffers dropped, timm layout mapped to the official one; an error if this is not
-    a Swin or SimMIM-Swin state dict."""
+    """Buffers dropped, timm's Swin layout mapped to the official one; an error if this is
+    not a Swin, BEiT-style ViT or SimMIM state dict."""
     sd = {k: v for k, v in sd.items() if not any(b in k for b in _BUFFERS)}
     if not any(k.startswith("encoder.") for k in sd):
         sd = _from_timm_layout(sd)
     if "patch_embed.proj.weight" not in sd and "encoder.patch_embed.proj.weight" not in sd:
-        raise ValueError("not a Swin/SimMIM checkpoint: no patch_embed.proj.weight "
+        raise ValueError("not a Swin/ViT/SimMIM checkpoint: no patch_embed.proj.weight "
                          f"(first keys: {list(sd)[:5]})")
     return sd
 
@@ -113,8 +119,8 @@ def _official_swin_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def load_official(path_or_sd, cfg=None) -> dict:
     """Tree from an official Swin, SimMIM pre-training or SimMIM fine-tuning checkpoint.
 
-    Buffers are dropped. With ``cfg`` (``mim.models.swin.config`` or
-    ``mim.models.simmim.config``) the keys and shapes must match ``init(cfg)`` exactly, and
+    Buffers are dropped. With ``cfg`` (``mim.models.swin.config``, ``mim.models.beit.config``
+    or ``mim.models.simmim.config``) the keys and shapes must match ``init(cfg)`` exactly, and
     the error names every missing and unexpected key; without it the checkpoint's own keys
     are kept (a SimMIM pre-training checkpoint stays ``encoder.*`` / ``decoder.*``)."""
     sd = _official_swin_keys(read_state_dict(path_or_sd))
@@ -271,19 +277,34 @@ def _buffers_for(cfg) -> Dict[str, Dict[str, torch.Tensor]]:
     return out
 
 
+def _with_beit_buffers(flat: Dict[str, torch.Tensor], cfg, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """The official BEiT-style ViT registers a persistent ``relative_position_index`` right
+    after each ``relative_position_bias_table``."""
+    buffers = {prefix + k: (prefix + name, idx.clone())
+               for k, (name, idx) in beit.official_buffers(cfg).items()}
+    out = {}
+    for k, v in flat.items():
+        out[k] = v
+        if k in buffers:
+            name, idx = buffers[k]
+            out[name] = idx
+    return out
+
+
 def export_official(tree: dict, cfg=None) -> Dict[str, torch.Tensor]:
-    """Flat official state dict. With ``cfg`` (Swin, or SimMIM with a Swin encoder) the
-    buffers the official modules register (``relative_position_index``, the shifted blocks'
-    ``attn_mask``) are added in their places, so ``load_state_dict(strict=True)`` on
-    microsoft's ``SwinTransformer`` / ``SimMIM`` succeeds."""
+    """Flat official state dict. With ``cfg`` (Swin, BEiT-style ViT, or SimMIM with either
+    encoder) the buffers the official modules register (``relative_position_index``, the
+    shifted Swin blocks' ``attn_mask``) are added in their places, so
+    ``load_state_dict(strict=True)`` on microsoft's ``SwinTransformer`` /
+    ``VisionTransformer`` / ``SimMIM`` succeeds."""
     flat = T.flatten(tree)
     if cfg is None:
         return dict(flat)
     prefix = ""
     if cfg.name == "simmim":
-        if cfg.encoder.name != "swin":
-            return dict(flat)
         prefix, cfg = "encoder.", cfg.encoder
+    if cfg.name == "beit":
+        return _with_beit_buffers(flat, cfg, prefix)
     buffers = {prefix + k: v for k, v in _buffers_for(cfg).items()}
     out = {}
     for k, v in flat.items():
@@ -326,40 +347,58 @@ def read_source(path) -> Dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
-# Official SimMIM ViT keys mim's timm-layout ViT has no place for: the reference's ViT is
-# BEiT's (relative position bias, q/v biases, gamma_1/2 layer scale).
-_BEIT_VIT = re.compile(r"(^|\.)(rel_pos_bias\.|relative_position_bias_table|q_bias|v_bias|gamma_[12])")
+_SHARED_TABLE = "rel_pos_bias." + _TABLE
 
 
-def simmim_to_vit(flat: Dict[str, torch.Tensor], fresh: dict, vit_cfg, source: str = "") -> dict:
-    """Fine-tuning ViT tree (``fresh``, for ``vit_cfg``) from a SimMIM ViT pretraining tree
-    or a ViT classification tree, as SimMIM's ``load_pretrained``: strip ``encoder.``, drop
-    ``mask_token`` and the decoder, resize ``pos_embed`` bicubically when the grid differs,
-    drop ``norm`` under mean pooling (a fresh ``fc_norm`` is used,
-    ``VIT.USE_MEAN_POOLING``) and keep a fresh head. Any other missing, unexpected or
-    mis-shaped key is an error."""
+def simmim_to_beit(flat: Dict[str, torch.Tensor], fresh: dict, cfg, source: str = "") -> dict:
+    """Fine-tuning BEiT-style ViT tree (``fresh``, for ``cfg``) from a SimMIM ViT
+    pretraining state dict or a ViT classification one, as SimMIM's ``load_pretrained`` /
+    ``remap_pretrained_keys_vit`` (after BEiT's ``run_class_finetuning.py``):
+
+    * ``encoder.`` stripped, ``mask_token``, the decoder and ``relative_position_index``
+      buffers dropped;
+    * a shared table (``rel_pos_bias.*``) copied into every block when the model has
+      per-block relative position bias (``use_rel_pos_bias``) and no shared one;
+    * every table resized when the patch grid differs (:func:`mim.models.beit.resize_rel_pos_bias`:
+      the (2G-1)^2 part by the geometric bicubic spline, the 3 class-token rows kept), and
+      ``pos_embed`` bicubically (:func:`mim.models.vit.resize_pos_embed`);
+    * ``norm`` dropped under mean pooling and ``fc_norm`` under class-token pooling (the
+      reference's ``strict=False`` load ignores them); ``fc_norm`` and ``head`` come from
+      ``fresh`` unless the checkpoint has them with the same shapes (evaluating a
+      fine-tuned checkpoint keeps its classifier).
+
+    Any other missing, unexpected or mis-shaped key is an error naming it."""
     from mim.checkpoints import weights
     from mim.models import vit
 
     if any(k.startswith("encoder.") for k in flat):
         flat = {k[len("encoder."):]: v for k, v in flat.items() if k.startswith("encoder.")}
-    beit = sorted(k for k in flat if _BEIT_VIT.search(k))
-    if beit:
-        raise ValueError(f"{source}: {beit[:4]} are keys of the reference's BEiT-style ViT "
-                         "(relative position bias, q/v biases, gamma layer scale), which mim's "
-                         "timm-layout ViT does not have; only mim-trained SimMIM ViTs load")
+    flat = {k: v for k, v in flat.items()
+            if k != "mask_token" and not k.endswith("relative_position_index")}
     target = T.flatten(fresh)
-    flat = {k: v for k, v in flat.items() if k != "mask_token"}
-    skip = [k for k in target if k.startswith(("head.", "fc_norm.")) or
-            (k.startswith("norm.") and k not in flat)]
-    for k in ("head.weight", "head.bias"):
-        flat.pop(k, None)   # a pretraining tree has no head; a classifier's is replaced
-    if "norm.weight" not in target:
-        flat = {k: v for k, v in flat.items() if not k.startswith("norm.")}
+    per_block = [k for k in target if k.startswith("blocks.") and k.endswith(_TABLE)]
+    if _SHARED_TABLE in flat and _SHARED_TABLE not in target and per_block:
+        shared = flat.pop(_SHARED_TABLE)
+        for k in per_block:
+            if k in flat:
+                raise ValueError(f"{source}: both a shared relative position bias and {k}")
+            flat[k] = shared.clone()
+    for k in ("norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias"):
+        if k in flat and k not in target:
+            flat.pop(k)
+    skip = [k for k in target if k.startswith(("head.", "fc_norm."))
+            and not (k in flat and flat[k].shape == target[k].shape)]
+    for k in skip:
+        flat.pop(k, None)
+    grid = beit.grid_size(cfg)
 
     def adapt(name, v, t):
-        if name == "pos_embed" and v.shape != t.shape:
-            return vit.resize_pos_embed(v, vit.grid_size(vit_cfg), vit.num_prefix_tokens(vit_cfg))
+        if name.endswith(_TABLE) and v.shape != t.shape:
+            if v.shape[1] != t.shape[1]:
+                raise ValueError(f"{source}: {name} has {v.shape[1]} heads, the model {t.shape[1]}")
+            v = beit.resize_rel_pos_bias(v, grid)
+        elif name == "pos_embed" and v.shape != t.shape:
+            v = vit.resize_pos_embed(v, grid, 1)
         return v.to(t.device)
 
     return weights.merge_into(fresh, flat, skip=skip, adapt=adapt, source=source)
@@ -370,16 +409,20 @@ def load_for_finetune(params: dict, path, model_cfg) -> dict:
     ``path``; the hook behind ``init.format="swin"``.
 
     ``path``: a SimMIM pretraining checkpoint (microsoft/SimMIM's ``encoder.*`` /
-    ``decoder.*`` file, or a mim ``simmim_pretrain`` checkpoint directory or workdir), a Swin
-    classification checkpoint (official, timm layout, or a mim classify run), or for
-    ``model_cfg.name == "vit"`` a mim SimMIM ViT pretraining or ViT classification run.
-    Swin: relative position bias tables are interpolated to the fine-tuning window (6 -> 7 in
-    the paper, Sec. 4.1) and the head is ``params``'s own unless the checkpoint has one of
-    the same shape (:func:`simmim_to_swin`). ViT: :func:`simmim_to_vit`."""
+    ``decoder.*`` file, or a mim ``simmim_pretrain`` checkpoint directory or workdir), or a
+    classification checkpoint (official, timm layout, or a mim classify run) of the same
+    architecture. Swin (``model.name="swin"``): relative position bias tables are
+    interpolated to the fine-tuning window (6 -> 7 in the paper, Sec. 4.1) and the head is
+    ``params``'s own unless the checkpoint has one of the same shape (:func:`simmim_to_swin`).
+    ViT (``model.name="beit"``, the reference's BEiT-style ViT): :func:`simmim_to_beit`."""
     flat = read_source(path)
     name = model_cfg.get("name", "swin")
     if name == "swin":
         return simmim_to_swin(T.unflatten(_official_swin_keys(flat)), model_cfg, fresh=params)
+    if name == "beit":
+        return simmim_to_beit(flat, params, model_cfg, source=os.fspath(path))
     if name == "vit":
-        return simmim_to_vit(flat, params, model_cfg, source=os.fspath(path))
-    raise ValueError(f"init.format='swin' loads Swin or ViT models, not model.name={name!r}")
+        raise ValueError("init.format='swin': SimMIM's ViT is BEiT-style (relative position bias, "
+                         "q/v biases, gamma layer scale); fine-tune it as model.name='beit' "
+                         "(mim.models.beit.config), not the timm-layout 'vit'")
+    raise ValueError(f"init.format='swin' loads Swin or BEiT-style ViT models, not model.name={name!r}")

@@ -3,8 +3,10 @@ prediction head and an L1 loss on the masked pixels.
 
 The tree has the keys of microsoft/SimMIM's ``SimMIM`` module: ``encoder.*`` (the encoder
 with its ``mask_token``) and ``decoder.0.weight/bias`` (the 1x1 convolution before the
-pixel shuffle). The Swin encoder is ``mim.models.swin`` (official layout); the ViT encoder
-is ``mim.models.vit`` (timm layout) with absolute position embeddings.
+pixel shuffle). The Swin encoder is ``mim.models.swin`` and the ViT encoder
+``mim.models.beit`` (the reference's BEiT-style ViT), both in the official layouts, so
+``flatten(init(cfg))`` gives the keys of microsoft/SimMIM's ``SimMIM.state_dict()`` less
+the non-learned ``relative_position_index`` / ``attn_mask`` buffers.
 """
 from __future__ import annotations
 
@@ -15,24 +17,34 @@ import torch
 import torch.nn.functional as F
 
 from mim import nn
-from mim.models import swin, vit
+from mim.models import beit, swin
 from mim.nn import init as I
 
-ENCODERS = ("swin", "vit")
+# backbone argument of config() -> encoder model name
+BACKBONES = {"swin": "swin", "vit": "beit"}
+ENCODERS = tuple(BACKBONES.values())
 
 
 def config(backbone: str = "swin", **overrides) -> ml_collections.ConfigDict:
     """SimMIM pre-training model: Swin-B at 192 px with window 6, or ViT-B/16 at 224 px
     (the paper's Sec. 4.1 settings); 32-px mask patches at ratio 0.6. Nested overrides
-    (``encoder={"depths": (2, 2)}``) update the encoder config."""
+    (``encoder={"depths": (2, 2)}``) update the encoder config.
+
+    The ViT is the reference's (config.py's VIT defaults, vit_base__800ep pretraining yaml):
+    BEiT-style, no absolute position embedding, one relative position bias shared by all
+    blocks, q/v biases, layer scale 0.1, the final norm on the class-token path, inits
+    truncated at one standard deviation (``VisionTransformerForSimMIM._trunc_normal_``)."""
     if backbone == "swin":
         dim, depths, heads = swin.SIZES["base"]
         enc = swin.config(img_size=192, embed_dim=dim, depths=depths, num_heads=heads,
                           window_size=6, num_classes=0, drop_path_rate=0.0)
     elif backbone == "vit":
-        enc = vit.config(img_size=224, patch_size=16, num_classes=0, drop_path_rate=0.1)
+        enc = beit.config(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                          num_classes=0, drop_path_rate=0.1, qkv_bias=True, use_abs_pos_emb=False,
+                          use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                          layer_scale_init=0.1, global_pool="token", init_trunc_at_std=True)
     else:
-        raise ValueError(f"unknown SimMIM encoder {backbone!r}; expected one of {ENCODERS}")
+        raise ValueError(f"unknown SimMIM encoder {backbone!r}; expected one of {tuple(BACKBONES)}")
     c = ml_collections.ConfigDict(dict(
         name="simmim",
         encoder=enc,
@@ -51,8 +63,10 @@ def validate(cfg) -> None:
         raise ValueError(f"encoder.name={cfg.encoder.name!r} is not one of {ENCODERS}")
     if cfg.encoder.num_classes != 0:
         raise ValueError("encoder.num_classes must be 0: the SimMIM encoder has no head")
-    if cfg.encoder.name == "vit" and cfg.encoder.global_pool != "token":
-        raise ValueError("the SimMIM ViT encoder uses the final norm: encoder.global_pool='token'")
+    if cfg.encoder.name == "beit":
+        beit.validate(cfg.encoder)
+        if cfg.encoder.global_pool != "token":
+            raise ValueError("the SimMIM ViT encoder uses the final norm: encoder.global_pool='token'")
 
 
 def patch_size(cfg) -> int:
@@ -78,9 +92,15 @@ def init(gen: torch.Generator, cfg) -> dict:
         # SwinTransformerForSimMIM: trunc_normal_(std=.02) with timm's absolute [-2, 2] bounds.
         encoder["mask_token"] = I.trunc_normal((1, 1, enc_cfg.embed_dim), 0.02, gen)
     else:
-        encoder = vit.init(gen, enc_cfg)
-        # VisionTransformerForSimMIM truncates at one standard deviation.
-        encoder["mask_token"] = I.trunc_normal((1, 1, enc_cfg.embed_dim), 0.02, gen, a=-0.02, b=0.02)
+        body = beit.init(gen, enc_cfg)
+        # VisionTransformerForSimMIM truncates at one standard deviation; its mask token is
+        # its own parameter, so it follows cls_token (and pos_embed) in the state_dict.
+        token = I.trunc_normal((1, 1, enc_cfg.embed_dim), 0.02, gen, a=-0.02, b=0.02)
+        encoder = {}
+        for k, v in body.items():
+            if k == "patch_embed":
+                encoder["mask_token"] = token
+            encoder[k] = v
     C, s = num_features(cfg), encoder_stride(cfg)
     out = s * s * enc_cfg.in_chans
     bound = 1.0 / C ** 0.5
@@ -93,16 +113,9 @@ def init(gen: torch.Generator, cfg) -> dict:
 
 def _vit_encode(p, x, mask, cfg, train):
     """``VisionTransformerForSimMIM.forward``: mask tokens replace patch embeddings before
-    the class token and position embedding; the output drops the class token."""
-    tokens = nn.patch_embed(p["patch_embed"], x, cfg.patch_size)
-    w = mask.flatten(1).unsqueeze(-1).to(tokens.dtype)
-    tokens = tokens * (1.0 - w) + p["mask_token"].to(tokens.dtype) * w
-    if cfg.class_token:
-        tokens = torch.cat([p["cls_token"].expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
-    tokens = tokens + p["pos_embed"].to(tokens.dtype)
-    for i, rate in enumerate(vit.drop_path_rates(cfg)):
-        tokens = nn.vit_block(p["blocks"][str(i)], tokens, cfg.num_heads, rate, train, eps=cfg.norm_eps)
-    tokens = nn.layer_norm(p["norm"], tokens, cfg.norm_eps)[:, vit.num_prefix_tokens(cfg):]
+    the class token; the feature map is the normed patch tokens (class token dropped)."""
+    _, aux = beit.apply(p, x, cfg, train, mask=mask)
+    tokens = aux["tokens"][:, 1:]
     H, W = x.shape[-2] // cfg.patch_size, x.shape[-1] // cfg.patch_size
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, H, W)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mim.models import swin, vit
+from mim.models import beit, swin, vit
 from mim.tasks import ParamRules
 
-MODELS = {"vit": vit, "swin": swin}
+MODELS = {"vit": vit, "swin": swin, "beit": beit}
 
 
 def model(config):
@@ -62,6 +62,13 @@ def param_rules(config) -> ParamRules:
         # relative position bias tables; layer ids as its get_swin_layer.
         return ParamRules(num_layers=sum(m.depths), layer_id=lambda n: swin.layer_id(n, m),
                           no_decay=("absolute_pos_embed", "relative_position_bias_table"))
+    if model(config) is beit:
+        # SimMIM's ViT fine-tuning (optimizer.py): no decay on 1-D tensors and on the
+        # model's no_weight_decay() = {pos_embed, cls_token}; the relative position bias
+        # tables are decayed (BEiT only exempts them behind a flag). Layer ids as
+        # get_vit_layer, the shared table with the head.
+        return ParamRules(num_layers=m.depth, layer_id=lambda n: beit.layer_id(n, m.depth),
+                          no_decay=(r"^pos_embed$", r"^cls_token$"))
     return ParamRules(num_layers=m.depth, layer_id=lambda n: vit.layer_id(n, m.depth),
                       no_decay=("pos_embed", "cls_token", "dist_token"))
 
