@@ -2,6 +2,7 @@
 to the same parameters, eval mode, and bad configs fail before any work."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -51,30 +52,31 @@ def test_tiny_vit_learns_and_writes_outputs(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-    common = [*FAST, "--config.steps=24", "--config.checkpoint_every=4", "--config.log_every=4",
+    """SIGKILL at a random step (not on a checkpoint boundary in general), start again:
+    bitwise the parameters and optimizer state of an uninterrupted run."""
+    common = [*FAST, "--config.steps=24", "--config.checkpoint_every=4", "--config.log_every=1",
               "--config.eval_every=1000", "--config.deterministic=True", "--config.keep_checkpoints=2"]
     straight = tmp_path / "straight"
     run_main(straight, *common)
 
+    kill_at = random.randint(5, 22)
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mim.main", f"--config={TINY}", f"--workdir={killed}", *common]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckdir = killed / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if ckdir.exists() and any(n.startswith("step_00000012") for n in os.listdir(ckdir)):
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith(f"step {kill_at}/"):
+            proc.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
     proc.wait()
-    steps = sorted(n for n in os.listdir(ckdir) if n.startswith("step_"))
-    assert steps and steps[-1] < "step_00000024", steps
+    steps = sorted(n for n in os.listdir(killed / "checkpoints") if n.startswith("step_"))
+    assert steps and steps[-1] < "step_00000024", (kill_at, steps)
     p = run_main(killed, *common)
     assert "resumed from" in p.stderr
     a, b = _params(straight), _params(killed)
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]), (kill_at, k)
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
