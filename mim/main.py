@@ -5,7 +5,6 @@ Any config field can be overridden, e.g. ``--config.batch_size=512``.
 from __future__ import annotations
 
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -17,7 +17,6 @@ import shutil
 from typing import List, Optional, Tuple
 
 import safetensors.torch
-import torch
 
 from mim import tree
 

@@ -14,7 +14,6 @@ The key sets are the same as mim's, so the rename table is empty; files are read
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Optional
 import torch
 
 from mim import tree as T
+from mim.checkpoints.weights import read_source, read_state_dict  # noqa: F401 (public here too)
 from mim.models import mae, vit
 from mim.nn import init as I
 
@@ -42,34 +42,6 @@ _ENCODER_TOP = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
 
 # ----------------------------------------------------------------------------------------
 # Reading.
-
-
-def read_state_dict(src) -> dict:
-    """Flat ``{name: tensor}`` from a path (``.pth`` via ``torch.load(weights_only=True)``,
-    or ``.safetensors``) or from an in-memory dict; a training checkpoint's ``"model"``
-    entry is taken when present."""
-    if isinstance(src, Mapping):
-        obj = src
-    elif str(src).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        obj = load_file(str(src), device="cpu")
-    else:
-        # The reference's training checkpoints also store its argparse Namespace; that class
-        # only sets attributes, so allowing it keeps weights_only's guarantee.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(src, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"state_dict entries that are not tensors: {bad[:10]}")
-    if isinstance(src, Mapping):
-        # Copies: train steps update parameters in place, which must not reach the caller's
-        # module or dict.
-        obj = {k: v.detach().clone() for k, v in obj.items()}
-    return {RENAMES.get(k, k): v for k, v in obj.items()}
 
 
 def detect_kind(flat: Mapping) -> str:
@@ -182,7 +154,7 @@ def load_official(src, cfg=None, kind: Optional[str] = None, return_config: bool
     The layout is detected from the keys unless ``kind`` is given; ``cfg`` (an ``mae`` or
     ``vit`` config) is inferred from the shapes unless given, and the key set and every
     shape are checked against it. With ``return_config`` returns ``(tree, cfg)``."""
-    flat = read_state_dict(src)
+    flat = {RENAMES.get(k, k): v for k, v in read_state_dict(src).items()}
     kind = kind or detect_kind(flat)
     cfg = cfg if cfg is not None else infer_config(flat, kind)
     check_layout(flat, kind, cfg)
@@ -255,37 +227,6 @@ _PRETRAIN_ONLY = re.compile(r"^(mask_token|decoder_.*|head\.0\..*)$")
 # as the reference's load_state_dict(strict=False) allows (main_finetune.py,
 # main_linprobe.py): the new head, and fc_norm under global pooling (Sec. A.1).
 _FRESH = re.compile(r"^(head\..*|fc_norm\..*|norm\..*)$")
-
-
-def read_source(path, include_model_state: bool = False) -> dict:
-    """Flat ``{name: tensor}`` of an official ``.pth`` / ``.safetensors`` file, a mim
-    checkpoint directory (``params.*`` of its ``state.safetensors``, and with
-    ``include_model_state`` its ``model_state.*`` such as a linear probe's ``head.0.*``
-    statistics), or a mim run's workdir (its newest good checkpoint)."""
-    from mim.checkpoints import io, weights
-
-    path = os.fspath(path)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, io.STATE)):
-        found = io.latest(os.path.join(path, "checkpoints"))
-        if found is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a mim workdir "
-                                    f"with checkpoints/step_*")
-        path = found[0]
-    if os.path.isdir(path):
-        flat = weights.mim_params(path)
-        if include_model_state:
-            saved = io.load_tensors(path)
-            flat.update({k[len("model_state."):]: v for k, v in saved.items()
-                         if k.startswith("model_state.")})
-        return flat
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:
-            if any(k.startswith("params.") for k in f.keys()):
-                return weights.mim_params(path)
-    return read_state_dict(path)
 
 
 def load_for_finetune(params: dict, path, model_cfg) -> dict:

@@ -20,49 +20,17 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
 from typing import Dict, Optional
 
 import torch
 
 from mim import tree as T
+from mim.checkpoints.weights import read_source, read_state_dict  # noqa: F401 (public here too)
 from mim.models import beit, swin
 
 _BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 _TABLE = "relative_position_bias_table"
-
-
-def read_state_dict(src) -> Dict[str, torch.Tensor]:
-    """Flat ``{name: tensor}`` from a path (``.safetensors`` or ``torch.load`` with
-    ``weights_only=True``) or an in-memory mapping; the ``"model"`` entry of a training
-    checkpoint is taken when present."""
-    if isinstance(src, Mapping):
-        obj = dict(src)
-    elif isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            obj = load_file(path, device="cpu")
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # the unpickler's refusal names the offending global
-                # The official save_checkpoint also pickles its yacs CfgNode ("config"),
-                # which weights_only rightly refuses (a dict subclass built by code).
-                raise ValueError(
-                    f"{path}: not loadable with weights_only=True ({e}). If it is an official "
-                    "training checkpoint holding a yacs 'config', re-save only "
-                    "torch.load(path, weights_only=False)['model'] where the file is trusted") from e
-    else:
-        raise ValueError(f"expected a path or a state dict, got {type(src).__name__}")
-    for key in ("model", "state_dict"):
-        if isinstance(obj.get(key), Mapping):
-            obj = dict(obj[key])
-            break
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"checkpoint entries that are not tensors: {bad[:10]}")
-    return obj
+_SHARED_TABLE = "rel_pos_bias." + _TABLE
 
 
 def _from_timm_layout(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -320,34 +288,6 @@ def export_official(tree: dict, cfg=None) -> Dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------
 # Starting a fine-tuning run (config.init.format = "swin"; mim.train.loop.Setup.load_init).
-
-
-def read_source(path) -> Dict[str, torch.Tensor]:
-    """Flat ``{name: tensor}`` of an official ``.pth`` / ``.safetensors`` file, of a mim
-    checkpoint directory or its ``state.safetensors`` (the ``params.*`` tensors), or of a
-    mim run's workdir (its newest checkpoint that verifies)."""
-    from mim.checkpoints import io, weights
-
-    path = os.fspath(path)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, io.STATE)):
-        found = io.latest(os.path.join(path, "checkpoints"))
-        if found is None:
-            raise FileNotFoundError(f"{path} is neither a mim checkpoint directory nor a mim "
-                                    f"workdir with checkpoints/step_*")
-        path = found[0]
-    if os.path.isdir(path):
-        return weights.mim_params(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:
-            if any(k.startswith("params.") for k in f.keys()):
-                return weights.mim_params(path)
-    return read_state_dict(path)
-
-
-_SHARED_TABLE = "rel_pos_bias." + _TABLE
 
 
 def simmim_to_beit(flat: Dict[str, torch.Tensor], fresh: dict, cfg, source: str = "") -> dict:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from mim import tree
 from mim.checkpoints import weights
 from mim.models import vit

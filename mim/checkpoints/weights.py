@@ -2,8 +2,10 @@
 run from a timm or mim checkpoint."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+from collections.abc import Mapping
 from typing import Dict
 
 import safetensors.torch
@@ -14,22 +16,71 @@ from mim import tree
 log = logging.getLogger(__name__)
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A flat state_dict from ``.safetensors`` or a torch file loaded with
-    ``weights_only=True``; a ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper is unwrapped."""
+def read_state_dict(src) -> Dict[str, torch.Tensor]:
+    """A flat state_dict from a path (``.safetensors``; a mim checkpoint directory; or a
+    torch file loaded with ``weights_only=True``) or an in-memory mapping (copied: steps
+    update parameters in place). A ``{"model": ...}`` / ``{"state_dict": ...}`` /
+    ``{"module": ...}`` wrapper is unwrapped."""
+    if isinstance(src, Mapping):
+        obj = src
+    else:
+        path = os.fspath(src)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if os.path.isdir(path):
+            path = os.path.join(path, "state.safetensors")
+        if path.endswith(".safetensors"):
+            return safetensors.torch.load_file(path)
+        try:
+            # MAE's training checkpoints also store its argparse Namespace, a class that
+            # only sets attributes: allowing it keeps weights_only's guarantee.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler's refusal names the offending global
+            raise ValueError(
+                f"{path}: not loadable with weights_only=True ({e}). If it is an official training "
+                "checkpoint holding a config object (SimMIM/Swin pickle a yacs CfgNode), re-save "
+                "only its 'model' entry where the file is trusted") from e
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = dict(obj[key])
+            break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint entries that are not tensors: {bad[:10]}")
+    if isinstance(src, Mapping):
+        return {k: v.detach().clone() for k, v in obj.items()}
+    return dict(obj)
+
+
+def read_source(path, include_model_state: bool = False) -> Dict[str, torch.Tensor]:
+    """Flat ``{name: tensor}`` of an official ``.pth`` / ``.safetensors`` file, a mim
+    checkpoint directory or its ``state.safetensors`` (the ``params.*`` tensors, and with
+    ``include_model_state`` the ``model_state.*`` ones such as a linear probe's batch-norm
+    statistics), or a mim run's workdir (its newest checkpoint that verifies)."""
+    from mim.checkpoints import io
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, io.STATE)):
+        found = io.latest(os.path.join(path, "checkpoints"))
+        if found is None:
+            raise FileNotFoundError(f"{path} is neither a mim checkpoint directory nor a mim "
+                                    f"workdir with checkpoints/step_*")
+        path = found[0]
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        path = os.path.join(path, "state.safetensors")
-    if path.endswith(".safetensors"):
-        return safetensors.torch.load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state_dict of tensors")
-    return obj
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        saved = read_state_dict(path)
+        if any(k.startswith("params.") for k in saved):
+            flat = {k[len("params."):]: v for k, v in saved.items() if k.startswith("params.")}
+            if include_model_state:
+                flat.update({k[len("model_state."):]: v for k, v in saved.items()
+                             if k.startswith("model_state.")})
+            return flat
+        return saved
+    return read_state_dict(path)
 
 
 def mim_params(path: str) -> Dict[str, torch.Tensor]:

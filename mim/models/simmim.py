@@ -16,7 +16,6 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
-from mim import nn
 from mim.models import beit, swin
 from mim.nn import init as I
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+
 
 import ml_collections
 import torch

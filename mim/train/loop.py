@@ -4,11 +4,10 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 import os
 import signal
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.distributed as dist
