@@ -1,6 +1,6 @@
 """Shared pieces of the MAE experiment files (He et al. 2022): the recipes of the
 reference's PRETRAIN.md / FINETUNE.md, and the CPU-sized ``:tiny`` and ``:perf``
-variants. Not an experiment itself; each ``mae_*.py`` loads it by path.
+variants. Not an experiment itself; each ``mae_*.py`` loads it with ``mim.config.import_sibling``.
 
 ``:tiny`` is one small ViT (patch 4 on 32-px images: an 8x8 grid, as 224 px / 16 gives
 14x14) on the bundled CIFAR-10 subset, the same encoder for pretraining, fine-tuning

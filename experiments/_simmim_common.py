@@ -1,7 +1,7 @@
 """Shared pieces of the SimMIM experiment files (Xie et al. 2022; microsoft/SimMIM's
 configs/*.yaml, config.py defaults, main_simmim.py, main_finetune.py): the reference
 recipes and the CPU-sized ``:tiny`` and ``:perf`` variants. Not an experiment itself;
-each ``simmim_*.py`` loads it by path.
+each ``simmim_*.py`` loads it with ``mim.config.import_sibling``.
 
 Learning rates. The reference scales ``BASE_LR``, ``WARMUP_LR`` and ``MIN_LR`` by
 ``total batch / 512`` (main_simmim.py, main_finetune.py); mim scales ``optim.base_lr`` by
@@ -80,6 +80,8 @@ def _variant_error(name, arg):
 # see the experiment file). ViT-B: the 800-epoch config (multistep in the reference,
 # cosine to the config.py default MIN_LR 5e-6 here; see simmim_vit_base.py).
 PRETRAIN = {"swin": (2e-4, 1e-5, 100.0), "vit": (1e-4, 5e-6, 800.0)}
+# TRAIN.WARMUP_LR of the yaml files: the lr the linear warm-up starts from (per 512).
+WARMUP_LR = {"pretrain": {"swin": 1e-6, "vit": 5e-7}, "finetune": {"swin": 2.5e-7, "vit": 2.5e-7}}
 
 
 def pretrain(backbone: str, arg=None, name: str = "simmim"):
@@ -111,6 +113,7 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.base_lr = per_256(base_lr)
     c.optim.min_lr = absolute(min_lr)
+    c.optim.warmup_init_lr = absolute(WARMUP_LR["pretrain"][backbone])
     c.optim.schedule = "cosine"
     c.optim.warmup_epochs = 10.0
     c.optim.weight_decay = 0.05
@@ -132,6 +135,7 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         # A short run needs a larger base lr than the 100/800-epoch schedules.
         c.optim.base_lr = 2e-3
         c.optim.min_lr = 1e-5
+        c.optim.warmup_init_lr = 0.0
         c.optim.warmup_epochs = 0.0
         c.optim.warmup_steps = 30
         c.log_every = 50
@@ -198,6 +202,7 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.base_lr = per_256(base_lr)
     c.optim.min_lr = absolute(min_lr)
+    c.optim.warmup_init_lr = absolute(WARMUP_LR["finetune"][backbone])
     c.optim.schedule = "cosine"
     c.optim.warmup_epochs = 20.0
     c.optim.weight_decay = 0.05
@@ -216,6 +221,7 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
         c.steps = 300
         c.optim.base_lr = 2e-3
         c.optim.min_lr = 1e-5
+        c.optim.warmup_init_lr = 0.0
         c.optim.warmup_epochs = 0.0
         c.optim.warmup_steps = 30
         # RandAugment, erasing and mixup/cutmix on 32-px images in a 300-step run only add

@@ -25,15 +25,9 @@ Variants:
             pretraining run with --config.init.checkpoint=<that workdir>.
     :perf   50 steps that print throughput (images/s per device).
 """
-import importlib.util
-import os
+from mim.config import import_sibling
 
-# Shared recipe and tiny settings, loaded by path (experiments/ is not a package).
-_spec = importlib.util.spec_from_file_location(
-    "mim_experiments_simmim_common",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "_simmim_common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+common = import_sibling(__file__, "_simmim_common.py")  # shared recipe and tiny settings
 
 
 def get_config(arg=None):
