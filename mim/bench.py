@@ -262,11 +262,12 @@ class PeerRun:
         self.scaler = torch.amp.GradScaler(be.device_type) if self.dtype == torch.float16 else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-    def loss(self, batch):
+    def loss(self, batch, eager: bool = False):
+        forward = self.model if eager else self.forward
         if self.dtype is None:
-            return self.forward(batch)
+            return forward(batch)
         with torch.autocast(self.be.device_type, dtype=self.dtype):
-            return self.forward(batch)
+            return forward(batch)
 
     def train_step(self, batch):
         loss = self.loss(batch)
@@ -287,7 +288,8 @@ class PeerRun:
         return loss.detach()
 
     def forward_backward(self, batch):
-        self.loss(batch).backward()
+        """Eagerly: the FLOP counter's dispatch mode must not see a compilation."""
+        self.loss(batch, eager=True).backward()
         self.opt.zero_grad(set_to_none=True)
 
 

@@ -13,7 +13,8 @@ timm's layout allows, so the peer's optimizer can use the same parameter groups.
 - MAE pretraining: :class:`MAE`, following facebookresearch/mae ``models_mae.py``
   (He et al. 2022) with timm ``Block`` / ``PatchEmbed``; the masking noise comes from
   the batch, as in mim, instead of ``torch.rand`` inside the model.
-- SimMIM pretraining: a timm Swin or ViT encoder with a mask token, a 1x1 convolution
+- BEiT-style ViT (SimMIM's ViT, its fine-tuning): timm ``Beit``.
+- SimMIM pretraining: a timm Swin or ViT/Beit encoder with a mask token, a 1x1 convolution
   and a pixel shuffle (Xie et al. 2022, microsoft/SimMIM ``models/simmim.py``).
 - Linear probe: the ViT peer, frozen, under ``no_grad``, with
   ``BatchNorm1d(affine=False)`` + ``Linear`` (MAE ``main_linprobe.py``).
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as tnn
 import torch.nn.functional as F
+from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block, PatchEmbed, VisionTransformer
 
@@ -170,6 +172,28 @@ class ViTClassifier(VisionTransformer):
         return classify.cross_entropy(super().forward(batch["image"]), batch, self.label_smoothing)
 
 
+def beit_kwargs(cfg) -> dict:
+    """timm ``Beit`` arguments for a :func:`mim.models.beit.config` (BEiT-style ViT:
+    layer scale, q/v biases, relative position bias per block or shared)."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                num_classes=cfg.num_classes, global_pool=cfg.global_pool, embed_dim=cfg.embed_dim,
+                depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias,
+                mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate,
+                norm_layer=partial(tnn.LayerNorm, eps=cfg.norm_eps),
+                init_values=cfg.layer_scale_init or None, use_abs_pos_emb=cfg.use_abs_pos_emb,
+                use_rel_pos_bias=cfg.use_rel_pos_bias,
+                use_shared_rel_pos_bias=cfg.use_shared_rel_pos_bias)
+
+
+class BeitClassifier(Beit):
+    def __init__(self, cfg, label_smoothing: float = 0.0):
+        super().__init__(**beit_kwargs(cfg))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch):
+        return classify.cross_entropy(super().forward(batch["image"]), batch, self.label_smoothing)
+
+
 class Swin(SwinTransformer):
     """timm Swin with the official options mim has and timm lacks: the optional absolute
     position embedding (``ape``) and SimMIM's mask-token substitution after the patch
@@ -228,6 +252,28 @@ class SimMIMViT(VisionTransformer):
         return x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
 
 
+class SimMIMBeit(Beit):
+    """``VisionTransformerForSimMIM`` of the reference (BEiT-style blocks)."""
+
+    def __init__(self, cfg):
+        super().__init__(**beit_kwargs(cfg))
+        self.mask_token = tnn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.grid = cfg.img_size // cfg.patch_size
+
+    def features(self, x, mask):
+        x = self.patch_embed(x)
+        w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
+        x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, shared_rel_pos_bias=bias)
+        x = self.norm(x)[:, 1:]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
+
+
 class SimMIMSwin(Swin):
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -248,7 +294,7 @@ class SimMIM(tnn.Module):
             self.encoder = SimMIMSwin(enc)
             stride, dim = enc.patch_size * 2 ** (len(enc.depths) - 1), self.encoder.num_features
         else:
-            self.encoder = SimMIMViT(enc)
+            self.encoder = SimMIMBeit(enc) if enc.name == "beit" else SimMIMViT(enc)
             stride, dim = enc.patch_size, enc.embed_dim
         self.decoder = tnn.Sequential(tnn.Conv2d(dim, stride ** 2 * enc.in_chans, 1), tnn.PixelShuffle(stride))
         self.patch = enc.patch_size
@@ -298,7 +344,7 @@ def build(config) -> tnn.Module:
     task, m = config.task, config.model
     if task == "classify":
         name = m.get("name", "vit")
-        cls = {"vit": ViTClassifier, "swin": SwinClassifier}[name]
+        cls = {"vit": ViTClassifier, "swin": SwinClassifier, "beit": BeitClassifier}[name]
         model = cls(m, config.data.label_smoothing)
     elif task == "mae_pretrain":
         model = MAEPretrain.from_config(m)
