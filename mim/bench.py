@@ -24,7 +24,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import os
 import platform
 import resource
@@ -35,7 +34,7 @@ import torch
 
 from mim import backend as backend_lib
 from mim import config as config_lib
-from mim import optim, tree
+from mim import optim
 
 log = logging.getLogger(__name__)
 
@@ -190,33 +189,9 @@ class MimRun:
 
 def build_mim(setup, total_steps: int) -> MimRun:
     """The train state and step exactly as :func:`mim.train.loop.train` builds them
-    (single process, no sharding).
-
-    TODO(loop): these lines repeat loop.train's; once loop.py factors out a
-    ``build_state(setup, total, steps_per_epoch) -> (state, fns, groups)``, call it."""
-    from mim.train import loop
-    from mim.train import step as step_lib
-    c, be, task = setup.config, setup.be, setup.task
-    params, model_state = setup.init_params()
-    rules = task.param_rules(c)
-    flat = tree.flatten(params)
-    trainable = optim.trainable_names(list(flat), list(rules.frozen) + list(c.optim.frozen))
-    groups = optim.make_groups(
-        {n: flat[n].shape for n in trainable}, weight_decay=c.optim.weight_decay,
-        no_decay_patterns=rules.no_decay, layer_decay=c.optim.layer_decay,
-        layer_id=rules.layer_id, num_layers=rules.num_layers,
-        lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
-    opt = optim.create(c.optim.name, c.optim)
-    state = step_lib.create_state(params, model_state, opt, trainable, be)
-    schedule = loop.schedule_for(c, total_steps, max(total_steps, 1))
-
-    def make(backend):
-        return step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups, schedule,
-                              backend, grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None)
-
-    fns = make(be)
-    eager = make(dataclasses.replace(be, compile=False)) if be.compile else fns
-    return MimRun(state, fns.train_step, eager.grad_step, groups)
+    (single process)."""
+    built = setup.build_train(total_steps, max(total_steps, 1))
+    return MimRun(built.state, built.fns.train_step, built.fns.eager_grad_step, built.groups)
 
 
 # ----------------------------------------------------------------------------------------

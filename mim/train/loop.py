@@ -1,6 +1,7 @@
 """The training loop and the evaluation-only mode, for every task."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -58,6 +59,18 @@ def schedule_for(config, total_steps: int, steps_per_epoch: int):
     return optim.warmup_constant(lr, warmup, o.warmup_init_lr)
 
 
+@dataclasses.dataclass
+class Built:
+    """What a run trains with: the train state and its step (shared by the loop and
+    :mod:`mim.bench`)."""
+    state: dict
+    fns: step_lib.StepFns
+    groups: list
+    trainable: list
+    opt: object
+    shard: object
+
+
 class Setup:
     """Everything a run builds before its first step."""
 
@@ -77,6 +90,31 @@ class Setup:
         if c.init.checkpoint:
             params = self.load_init(params)
         return params, model_state
+
+    def build_train(self, total_steps: int, steps_per_epoch: int, backend=None) -> Built:
+        """Parameters (from ``init`` or ``init.checkpoint``), parameter groups, optimizer,
+        train state and step. ``backend`` overrides the run's (e.g. an eager copy)."""
+        c, task = self.config, self.task
+        be = backend or self.be
+        params, model_state = self.init_params()
+        rules = task.param_rules(c)
+        flat = tree.flatten(params)
+        trainable = optim.trainable_names(list(flat), list(rules.frozen) + list(c.optim.frozen))
+        if not trainable:
+            raise config_lib.ConfigError("config.optim.frozen: every parameter is frozen")
+        groups = optim.make_groups(
+            {n: flat[n].shape for n in trainable}, weight_decay=c.optim.weight_decay,
+            no_decay_patterns=rules.no_decay, layer_decay=c.optim.layer_decay,
+            layer_id=rules.layer_id, num_layers=rules.num_layers,
+            lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
+        opt = optim.create(c.optim.name, c.optim)
+        shard = sharding_lib.create(c.sharding, {n: flat[n].shape for n in trainable}, be)
+        state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard)
+        fns = step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups,
+                             schedule_for(c, total_steps, steps_per_epoch), be,
+                             grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
+                             sharding=shard)
+        return Built(state, fns, groups, trainable, opt, shard)
 
     def load_init(self, params):
         """Start from ``init.checkpoint``: a mim checkpoint, or an official one through
@@ -140,21 +178,8 @@ def train(config, workdir: str) -> Dict[str, float]:
     steps_per_epoch = max(n_train // c.batch_size, 1)
     total = c.steps or max(int(round(c.epochs * steps_per_epoch)), 1)
 
-    params, model_state = setup.init_params()
-    rules = task.param_rules(c)
-    flat = tree.flatten(params)
-    trainable = optim.trainable_names(list(flat), list(rules.frozen) + list(c.optim.frozen))
-    if not trainable:
-        raise config_lib.ConfigError("config.optim.frozen: every parameter is frozen")
-    groups = optim.make_groups(
-        {n: flat[n].shape for n in trainable}, weight_decay=c.optim.weight_decay,
-        no_decay_patterns=rules.no_decay, layer_decay=c.optim.layer_decay,
-        layer_id=rules.layer_id, num_layers=rules.num_layers,
-        lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
-    opt = optim.create(c.optim.name, c.optim)
-    shard = sharding_lib.create(c.sharding, {n: flat[n].shape for n in trainable}, be)
-    state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard)
-    del params, flat
+    built = setup.build_train(total, steps_per_epoch)
+    state, shard = built.state, built.shard
     log.info("rank %d: optimizer state %d bytes (sharding=%s, %d rank(s))", be.rank,
              sharding_lib.nbytes(state["opt"]) + sharding_lib.nbytes(state.get("master", {})),
              c.sharding if shard is not None else "none", be.world_size)
@@ -174,10 +199,7 @@ def train(config, workdir: str) -> Dict[str, float]:
     if start >= total:
         log.info("already trained %d/%d steps", start, total)
 
-    fns = step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups,
-                         schedule_for(c, total, steps_per_epoch), be,
-                         grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
-                         sharding=shard)
+    fns = built.fns
     loader, train_ds, _ = pipeline.train_loader(c, be, task, start, total)
     writer = metrics_lib.Writer(workdir, enabled=be.is_main)
     eval_every = c.eval_every or steps_per_epoch

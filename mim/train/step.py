@@ -57,6 +57,7 @@ class StepFns:
     train_step: Callable
     grad_step: Callable
     update_step: Callable
+    eager_grad_step: Callable   # never compiled: for FLOP counting and debugging
 
 
 def split_batch(batch: Dict[str, torch.Tensor], n: int) -> List[Dict[str, torch.Tensor]]:
@@ -180,7 +181,7 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
 
     needs_host = backend.distributed or backend.loss_scaling
     if not needs_host:
-        return StepFns(compiled_train, compiled_grad, compiled_update)
+        return StepFns(compiled_train, compiled_grad, compiled_update, grad_step)
 
     def sharded_update(state, grads, metrics):
         """``update_step`` on this rank's slices, then the slices are all-gathered."""
@@ -229,4 +230,4 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
             metrics["loss_scale"] = state["loss_scale"]["scale"].clone()
         return state, metrics
 
-    return StepFns(host_step, compiled_grad, compiled_update)
+    return StepFns(host_step, compiled_grad, compiled_update, grad_step)
