@@ -95,6 +95,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("--config.optim.nme=sgd", "nme"),
+    ("--config.batch_size=abc", "flag --config.batch_size=abc: invalid literal for int()"),
     ("--config.optim.name=adam", "config.optim.name: 'adam' is not one of"),
     ("--config.precision=fp8", "config.precision: 'fp8' is not one of"),
     ("--config.batch_size=30", "does not split into 1 rank(s) x 4 accumulation"),
