@@ -16,14 +16,7 @@ from mim.models import beit, swin
 timm_beit = pytest.importorskip("timm.models.beit")
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw):

@@ -6,7 +6,6 @@ import importlib.util
 import os
 
 import pytest
-import torch
 
 from conftest import BUNDLED, ROOT
 from mim import bench
@@ -23,15 +22,6 @@ def tiny(path, batch_size=4):
     c.batch_size = batch_size
     c.data.num_workers = 0
     return c
-
-
-@pytest.fixture
-def one_thread():
-    # One thread: OpenMP threads spin badly on a shared, oversubscribed 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)

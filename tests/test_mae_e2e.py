@@ -13,22 +13,14 @@ property of the code, not a chance event.
 import os
 
 import pytest
-import torch
 
 from mim.train import loop
-from test_mae_tasks import experiment
+from conftest import experiment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRETRAIN_STEPS, PROBE_STEPS, PROBE_BATCH = 250, 100, 64
 MARGIN = 3.0  # top-1 points
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One compute thread next to the data worker on 2 cores (see test_mae_tasks.py).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def probe(workdir, init_checkpoint=""):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mim import tree
 from mim.checkpoints import swin as ckpt
 from mim.data import masks
-from mim.models import beit, simmim, swin
+from mim.models import simmim, swin
 
 timm_swin = pytest.importorskip("timm.models.swin_transformer")
 timm_beit = pytest.importorskip("timm.models.beit")

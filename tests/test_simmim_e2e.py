@@ -7,7 +7,6 @@ pretrained-vs-random accuracies are printed (``pytest -s``) but not compared: at
 minute of pretraining on 4,000 images the difference is within seed noise (docs/simmim.md
 has the numbers of the longer :tiny runs).
 """
-import importlib.util
 import json
 import os
 import time
@@ -15,23 +14,10 @@ import time
 import pytest
 import torch
 
+from conftest import experiment
 from mim.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def experiment(name, **overrides):
-    spec = importlib.util.spec_from_file_location(f"exp_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def train_losses(workdir):
@@ -48,7 +34,7 @@ def test_simmim_swin_tiny_pretrain_then_finetune(tmp_path):
         t0 = time.perf_counter()
         pre = str(tmp_path / "pretrain")
         steps = 150
-        c = experiment("simmim_swin_base", **{
+        c = experiment("simmim_swin_base", "tiny", **{
             "steps": steps, "batch_size": 64, "optim.warmup_steps": 15, "log_every": 25,
             "eval_every": steps, "checkpoint_every": steps, "recon.every": 75})
         summary = loop.train(c, pre)
@@ -62,7 +48,7 @@ def test_simmim_swin_tiny_pretrain_then_finetune(tmp_path):
 
         results = {}
         for name, init in (("pretrained", pre), ("random", "")):
-            ft = experiment("simmim_swin_base_finetune", **{
+            ft = experiment("simmim_swin_base_finetune", "tiny", **{
                 "steps": steps, "batch_size": 64, "optim.warmup_steps": 15, "log_every": 50,
                 "eval_every": steps, "checkpoint_every": steps, "init.checkpoint": init})
             results[name] = loop.train(ft, str(tmp_path / name))["eval_acc1"]

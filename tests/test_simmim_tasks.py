@@ -2,9 +2,7 @@
 variant runs a few steps, pretraining writes reconstruction pictures, a tiny fine-tuning
 run starts from the tiny pretraining run, load_for_finetune turns a SimMIM checkpoint into
 a Swin (window 6 -> 7) or ViT tree, and the learning rates are the reference's."""
-import importlib.util
 import os
-import shutil
 
 import pytest
 import torch
@@ -16,58 +14,15 @@ from mim.checkpoints import swin as swin_ckpt
 from mim.data import masks
 from mim.models import beit, simmim, swin, vit
 from mim.tasks import classify, simmim_pretrain
+from conftest import experiment, few_steps
 from mim.train import loop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ("simmim_swin_base", "simmim_vit_base")
 FINETUNE = {"simmim_swin_base": "simmim_swin_base_finetune",
             "simmim_vit_base": "simmim_vit_base_finetune"}
-
-
-def experiment(name, arg="tiny", **overrides):
-    path = os.path.join(ROOT, "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"exp_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One compute thread next to the data worker on 2 cores: OpenMP threads spinning on an
-    # oversubscribed machine make every small op many times slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """12 train and 2 val images per class of the bundled set: a few steps and a full
-    evaluation take seconds."""
-    src = os.path.join(ROOT, "third_party", "cifar10-mini")
-    dst = tmp_path_factory.mktemp("cifar_small")
-    for split, n in (("train", 12), ("val", 2)):
-        for cls in sorted(os.listdir(os.path.join(src, split))):
-            os.makedirs(dst / split / cls)
-            for f in sorted(os.listdir(os.path.join(src, split, cls)))[:n]:
-                shutil.copy(os.path.join(src, split, cls, f), dst / split / cls / f)
-    return str(dst)
-
-
-def few_steps(name, data, **overrides):
-    return experiment(name, "tiny", **{
-        "data.path": data, "steps": 3, "batch_size": 32, "eval_batch_size": 20,
-        "log_every": 1, "eval_every": 3, "checkpoint_every": 3, "data.num_workers": 0,
-        **overrides})
 
 
 @pytest.fixture(scope="module")
