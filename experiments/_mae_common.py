@@ -6,42 +6,18 @@ variants. Not an experiment itself; each ``mae_*.py`` loads it with ``mim.config
 14x14) on the bundled CIFAR-10 subset, the same encoder for pretraining, fine-tuning
 and linear probing, so a tiny pretraining run's checkpoint plugs into the other two.
 """
-import os
-
 import ml_collections
 
 from mim import config as config_lib
 from mim.models import mae, vit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLED = os.path.join(ROOT, "third_party", "cifar10-mini")
+shared = config_lib.import_sibling(__file__, "_common.py")
 
 # The tiny encoder: 4 blocks of width 128 (64 patches of 4x4 px, 16 visible at 75%).
 TINY_ENCODER = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4)
 # The decoder keeps the paper's shape relative to the encoder: narrower, lighter (Sec. 3).
 TINY_DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
 TINY_CLASSES = 10
-
-
-def _tiny_data(c):
-    c.data.path = BUNDLED
-    c.data.image_size = 32
-    c.data.crop_pct = 1.0          # the images are already 32 px: no resize + centre crop
-    c.data.num_workers = 1         # 2 cores: one decodes JPEGs, one trains
-    c.precision = "fp32"
-    c.compile = "off"
-    c.eval_batch_size = 500
-
-
-def _perf(c, steps: int = 50):
-    c.steps = steps
-    c.log_every = 10
-    c.eval_every = 1_000_000
-    c.checkpoint_every = 1_000_000
-
-
-def _variant_error(name, arg):
-    return ValueError(f"unknown variant {arg!r} of {name} (tiny, perf)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -75,7 +51,7 @@ def pretrain(size: str, arg=None, name: str = "mae"):
         num_images=8,              # fixed eval-split images in each picture
     ))
     if arg == "tiny":
-        _tiny_data(c)
+        shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, **TINY_DECODER)
         c.batch_size = 128
         c.epochs = 0.0
@@ -89,10 +65,10 @@ def pretrain(size: str, arg=None, name: str = "mae"):
         c.checkpoint_every = 300
         c.recon.every = 300
     elif arg == "perf":
-        _perf(c)
+        shared.perf(c)
         c.recon.every = 0
     elif arg:
-        raise _variant_error(name, arg)
+        raise shared.variant_error(name, arg)
     return c
 
 
@@ -134,7 +110,7 @@ def finetune(size: str, arg=None, *, base_lr: float, layer_decay: float, drop_pa
     c.precision = "amp_bf16"
     c.log_every = 50
     if arg == "tiny":
-        _tiny_data(c)
+        shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
         c.batch_size = 128
         c.epochs = 0.0
@@ -150,9 +126,9 @@ def finetune(size: str, arg=None, *, base_lr: float, layer_decay: float, drop_pa
         c.eval_every = 300
         c.checkpoint_every = 300
     elif arg == "perf":
-        _perf(c)
+        shared.perf(c)
     elif arg:
-        raise _variant_error(name, arg)
+        raise shared.variant_error(name, arg)
     return c
 
 
@@ -186,7 +162,7 @@ def linprobe(size: str, arg=None, name: str = "mae_linprobe"):
     c.precision = "amp_bf16"
     c.log_every = 20
     if arg == "tiny":
-        _tiny_data(c)
+        shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
         c.batch_size = 256
         c.epochs = 0.0
@@ -201,7 +177,7 @@ def linprobe(size: str, arg=None, name: str = "mae_linprobe"):
         c.eval_every = 150
         c.checkpoint_every = 150
     elif arg == "perf":
-        _perf(c)
+        shared.perf(c)
     elif arg:
-        raise _variant_error(name, arg)
+        raise shared.variant_error(name, arg)
     return c

@@ -13,15 +13,13 @@ reference's global batch of 2048 (16 GPUs x 128, README.md); change it with the 
 same for pretraining and fine-tuning, so a tiny pretraining run's workdir plugs into the
 fine-tuning file with ``--config.init.checkpoint=<workdir>``.
 """
-import os
 
 import ml_collections
 
 from mim import config as config_lib
 from mim.models import beit, simmim, swin
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLED = os.path.join(ROOT, "third_party", "cifar10-mini")
+shared = config_lib.import_sibling(__file__, "_common.py")
 
 REFERENCE_BATCH = 2048      # README.md: 16 GPUs x --batch-size 128, pretraining and fine-tuning
 
@@ -49,27 +47,6 @@ TINY_SWIN_FINETUNE_WINDOW = 8   # a window change at fine-tuning, as 6 -> 7 in t
 TINY_VIT = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4)
 TINY_MASK_PATCH = 8
 TINY_CLASSES = 10
-
-
-def _tiny_data(c):
-    c.data.path = BUNDLED
-    c.data.image_size = 32
-    c.data.crop_pct = 1.0          # the images are already 32 px: no resize + centre crop
-    c.data.num_workers = 1         # 2 cores: one decodes JPEGs, one trains
-    c.precision = "fp32"
-    c.compile = "off"
-    c.eval_batch_size = 500
-
-
-def _perf(c, steps: int = 50):
-    c.steps = steps
-    c.log_every = 10
-    c.eval_every = 1_000_000
-    c.checkpoint_every = 1_000_000
-
-
-def _variant_error(name, arg):
-    return ValueError(f"unknown variant {arg!r} of {name} (tiny, perf)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,7 +102,7 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         num_images=8,              # fixed eval-split images in each picture
     ))
     if arg == "tiny":
-        _tiny_data(c)
+        shared.tiny_data(c)
         enc = TINY_SWIN if backbone == "swin" else dict(TINY_VIT, drop_path_rate=0.0)
         c.model.encoder.update(enc)
         c.model.mask_patch_size = TINY_MASK_PATCH
@@ -143,10 +120,10 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         c.checkpoint_every = 300
         c.recon.every = 300
     elif arg == "perf":
-        _perf(c)
+        shared.perf(c)
         c.recon.every = 0
     elif arg:
-        raise _variant_error(name, arg)
+        raise shared.variant_error(name, arg)
     return c
 
 
@@ -211,7 +188,7 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
     c.precision = "amp_bf16"
     c.log_every = 100
     if arg == "tiny":
-        _tiny_data(c)
+        shared.tiny_data(c)
         if backbone == "swin":
             c.model.update(TINY_SWIN, window_size=TINY_SWIN_FINETUNE_WINDOW, num_classes=TINY_CLASSES)
         else:
@@ -236,7 +213,7 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
         c.eval_every = 300
         c.checkpoint_every = 300
     elif arg == "perf":
-        _perf(c)
+        shared.perf(c)
     elif arg:
-        raise _variant_error(name, arg)
+        raise shared.variant_error(name, arg)
     return c

@@ -17,13 +17,11 @@ Variants:
             (chance 10%), see the README.
     :perf   a short run that prints throughput (images/s per device).
 """
-import os
 
 from mim import config as config_lib
 from mim.models import vit
 
-BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "third_party", "cifar10-mini")
+shared = config_lib.import_sibling(__file__, "_common.py")
 
 
 def get_config(arg=None):
@@ -52,7 +50,7 @@ def get_config(arg=None):
     c.init.format = "timm"
 
     if arg == "tiny":
-        c.data.path = BUNDLED
+        c.data.path = shared.BUNDLED
         c.model.update(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4,
                        num_classes=10, head_init_std=0.02)
         c.data.image_size = 32
@@ -72,10 +70,7 @@ def get_config(arg=None):
         c.checkpoint_every = 200
         c.init.checkpoint = ""
     elif arg == "perf":
-        c.steps = 100
-        c.log_every = 10
-        c.eval_every = 1_000_000
-        c.checkpoint_every = 1_000_000
+        shared.perf(c, steps=100)
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of vit_b32.py (tiny, perf)")
+        raise shared.variant_error("vit_b32.py", arg)
     return c
