@@ -7,6 +7,7 @@ Generic over the model: predictions come as patch vectors (MAE's decoder output,
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Optional, Sequence
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 
 from mim.models.mae import patchify, unpatchify
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,3 +108,44 @@ def save_grid(path, image) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def fixed_images(config, num: int) -> torch.Tensor:
+    """``num`` eval-split images spread evenly over the split (so over its classes), with
+    the eval transform: the same pictures at every step and in every run."""
+    from mim.data import folder, transforms
+    ds = folder.ImageFolder(config.data.path, config.data.eval_split,
+                            transforms.eval_transform(config.data))
+    idx = [i * len(ds) // num for i in range(min(num, len(ds)))]
+    return torch.stack([ds[(i, 0)]["image"] for i in idx])
+
+
+class ReconstructionHook:
+    """Every ``config.recon.every`` steps on rank 0: ``reconstructions/step_XXXXXXXX.png``
+    under the workdir and the same picture in TensorBoard (tag ``reconstruction``).
+
+    ``fixed_inputs(config, num) -> {name: tensor}`` draws the masking inputs once (MAE
+    noise, SimMIM masks); ``picture(params, images, **inputs) -> uint8 HWC`` draws the
+    grid, so every picture of a run shows the same images under the same masks."""
+
+    def __init__(self, setup, writer, fixed_inputs, picture):
+        from mim import tree
+        c = setup.config
+        self.every, self.writer, self.picture, self.to_fp32 = c.recon.every, writer, picture, tree.to
+        self.enabled = setup.be.is_main and self.every > 0
+        self.dir = os.path.join(setup.workdir, "reconstructions")
+        if self.enabled:
+            self.images = fixed_images(c, c.recon.num_images).to(setup.be.device)
+            self.inputs = {k: v.to(setup.be.device)
+                           for k, v in fixed_inputs(c, self.images.shape[0]).items()}
+
+    def after_step(self, step: int, state, batch, metrics):
+        if not self.enabled or step % self.every:
+            return
+        # fp32 for the picture, whatever precision the run trains in.
+        params = self.to_fp32(state["params"], dtype=torch.float32)
+        grid = self.picture(params, self.images, **self.inputs)
+        path = os.path.join(self.dir, f"step_{step:08d}.png")
+        save_grid(path, grid)
+        self.writer.image("reconstruction", grid, step)
+        log.info("wrote %s", path)

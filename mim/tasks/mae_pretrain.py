@@ -7,17 +7,13 @@ from its index), so eval losses of different steps are comparable.
 """
 from __future__ import annotations
 
-import logging
-import os
 
 import torch
 
-from mim import tree, visualize
-from mim.data import folder, transforms
+from mim import visualize
 from mim.models import mae
 from mim.tasks import ParamRules
 
-log = logging.getLogger(__name__)
 
 
 def init(config, gen: torch.Generator):
@@ -63,15 +59,6 @@ def batch_extras(gen: torch.Generator, config):
 # Reconstruction pictures during training.
 
 
-def fixed_images(config, num: int) -> torch.Tensor:
-    """``num`` eval-split images spread evenly over the split (so over its classes),
-    with the eval transform: the same pictures at every step and on every run."""
-    ds = folder.ImageFolder(config.data.path, config.data.eval_split,
-                            transforms.eval_transform(config.data))
-    idx = [i * len(ds) // num for i in range(min(num, len(ds)))]
-    return torch.stack([ds[(i, 0)]["image"] for i in idx])
-
-
 def fixed_noise(config, num: int) -> torch.Tensor:
     return mae.noise(torch.Generator().manual_seed(config.seed), num, config.model)
 
@@ -90,31 +77,8 @@ def reconstruct(params, images: torch.Tensor, noise: torch.Tensor, cfg, mean, st
                                          mean=tuple(mean), std=tuple(std))
 
 
-class ReconstructionHook:
-    """Every ``config.recon.every`` steps (rank 0): ``reconstructions/step_XXXXXXXX.png``
-    under the workdir and the same picture in TensorBoard."""
-
-    def __init__(self, setup, writer):
-        c = setup.config
-        self.every, self.writer, self.config = c.recon.every, writer, c
-        self.enabled = setup.be.is_main and self.every > 0
-        self.dir = os.path.join(setup.workdir, "reconstructions")
-        if self.enabled:
-            self.images = fixed_images(c, c.recon.num_images).to(setup.be.device)
-            self.noise = fixed_noise(c, self.images.shape[0]).to(setup.be.device)
-
-    def after_step(self, step: int, state, batch, metrics):
-        if not self.enabled or step % self.every:
-            return
-        c = self.config
-        # fp32 for the picture, whatever precision the run trains in.
-        params = tree.to(state["params"], dtype=torch.float32)
-        grid = reconstruct(params, self.images, self.noise, c.model, c.data.mean, c.data.std)
-        path = os.path.join(self.dir, f"step_{step:08d}.png")
-        visualize.save_grid(path, grid)
-        self.writer.image("reconstruction", grid, step)
-        log.info("wrote %s", path)
-
-
 def hooks(setup, writer):
-    return ReconstructionHook(setup, writer)
+    c = setup.config
+    return visualize.ReconstructionHook(
+        setup, writer, lambda config, n: {"noise": fixed_noise(config, n)},
+        lambda params, images, noise: reconstruct(params, images, noise, c.model, c.data.mean, c.data.std))

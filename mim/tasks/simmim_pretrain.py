@@ -11,18 +11,15 @@ different steps and runs are comparable.
 """
 from __future__ import annotations
 
-import logging
-import os
 
 import torch
 
-from mim import tree, visualize
+from mim import visualize
 from mim.config import ConfigError
-from mim.data import folder, masks, transforms
+from mim.data import masks
 from mim.models import simmim
 from mim.tasks import ParamRules
 
-log = logging.getLogger(__name__)
 
 
 def check(config) -> None:
@@ -110,15 +107,6 @@ def batch_extras(gen: torch.Generator, config):
 # Reconstruction pictures during training.
 
 
-def fixed_images(config, num: int) -> torch.Tensor:
-    """``num`` eval-split images spread evenly over the split (so over its classes), with
-    the eval transform: the same pictures at every step and in every run."""
-    ds = folder.ImageFolder(config.data.path, config.data.eval_split,
-                            transforms.eval_transform(config.data))
-    idx = [i * len(ds) // num for i in range(min(num, len(ds)))]
-    return torch.stack([ds[(i, 0)]["image"] for i in idx])
-
-
 def fixed_masks(config, num: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(config.seed)
     return torch.stack([mask_for(gen, config) for _ in range(num)])
@@ -136,32 +124,10 @@ def reconstruct(params, images: torch.Tensor, mask: torch.Tensor, config):
         mean=tuple(config.data.mean), std=tuple(config.data.std))
 
 
-class ReconstructionHook:
-    """Every ``config.recon.every`` steps on rank 0: ``reconstructions/step_XXXXXXXX.png``
-    under the workdir and the same picture in TensorBoard (tag ``reconstruction``)."""
-
-    def __init__(self, setup, writer):
-        c = setup.config
-        self.every, self.writer, self.config = c.recon.every, writer, c
-        self.enabled = setup.be.is_main and self.every > 0
-        self.dir = os.path.join(setup.workdir, "reconstructions")
-        if self.enabled:
-            self.images = fixed_images(c, c.recon.num_images).to(setup.be.device)
-            self.masks = fixed_masks(c, self.images.shape[0]).to(setup.be.device)
-
-    def after_step(self, step: int, state, batch, metrics):
-        if not self.enabled or step % self.every:
-            return
-        # fp32 for the picture, whatever precision the run trains in.
-        params = tree.to(state["params"], dtype=torch.float32)
-        grid = reconstruct(params, self.images, self.masks, self.config)
-        path = os.path.join(self.dir, f"step_{step:08d}.png")
-        visualize.save_grid(path, grid)
-        self.writer.image("reconstruction", grid, step)
-        log.info("wrote %s", path)
-
-
 def hooks(setup, writer):
     if "recon" not in setup.config:
         return None
-    return ReconstructionHook(setup, writer)
+    c = setup.config
+    return visualize.ReconstructionHook(
+        setup, writer, lambda config, n: {"mask": fixed_masks(config, n)},
+        lambda params, images, mask: reconstruct(params, images, mask, c))
