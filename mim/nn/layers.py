@@ -46,8 +46,9 @@ def attention(p, x, heads: int, attn_bias: Optional[torch.Tensor] = None,
     if bias is None and "q_bias" in p:
         bias = torch.cat([p["q_bias"], torch.zeros_like(p["v_bias"]), p["v_bias"]])
     qkv = F.linear(x, p["qkv"]["weight"], bias)
-    qkv = qkv.reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    # split (whose backward is one cat into a contiguous gradient) rather than the usual
+    # reshape-permute-unbind, whose backward stacks and then copies to undo the permute.
+    q, k, v = (t.view(B, N, heads, C // heads).transpose(1, 2) for t in qkv.split(C, dim=-1))
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
