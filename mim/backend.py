@@ -6,6 +6,8 @@ Nothing else in mim branches on the device type.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import importlib
@@ -62,6 +64,27 @@ def detect_device(requested: str = "auto") -> str:
 
 
 COLLECTIVES = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Stop glibc from handing large freed blocks back to the OS.
+
+    By default glibc serves big allocations (a step's activations) with mmap and unmaps
+    them on free, so every CPU step page-faults its activations in again; measured here,
+    that costs a 2-core CPU step about 20%. Fixing the thresholds keeps freed memory in
+    the heap for reuse (as the CUDA caching allocator does on GPU). Returns whether it
+    applied (glibc only)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3   # malloc.h
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
+        ok &= libc.mallopt(m_trim_threshold, 1 << 30)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclasses.dataclass
@@ -131,6 +154,7 @@ def setup(device: str = "auto", precision: str = "fp32", compile: str = "auto") 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cpu":
         dev = torch.device("cpu")
+        keep_freed_cpu_memory()
     else:
         dev = torch.device(device_type, local_rank)
         getattr(torch, device_type).set_device(dev)
