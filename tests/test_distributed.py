@@ -215,7 +215,14 @@ def test_two_nodes_through_c10d_rendezvous(tmp_path, data, one_rank):
             for _, q in procs:
                 q.kill()
             raise
-        outs.append(_check(subprocess.CompletedProcess(cmd, proc.returncode, out, err), cmd))
+        rc = proc.returncode
+        # torchrun's known teardown race: the agent hosting the c10d store may exit while
+        # the other agent still closes the rendezvous, which then fails with a broken pipe
+        # after its worker has finished. Only that failure is tolerated; training itself
+        # is checked below (summary, metrics, parameters equal to the 1-process run).
+        if rc != 0 and "failed to shutdown the rendezvous" in err and "RendezvousConnectionError" in err:
+            rc = 0
+        outs.append(_check(subprocess.CompletedProcess(cmd, rc, out, err), cmd))
     assert sum(o.stdout.count("summary:") for o in outs) == 1
     assert [r["step"] for r in metric_rows(tmp_path) if "train/loss" in r] == list(range(1, STEPS + 1))
     assert_close_states(state(one_rank[0]), state(tmp_path))
