@@ -317,6 +317,10 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
         config.data.path = "<synthetic>"     # validation wants a path; nothing reads it
     setup = loop.Setup(config, workdir="")
     c, be, task = setup.config, setup.be, setup.task
+    if be.device_type == "cpu":
+        # Without it glibc unmaps freed activations and whichever runs first (mim) pays
+        # the page faults of every step: measure mim and the peers alike.
+        backend_lib.keep_freed_cpu_memory()
     if be.distributed:
         raise RuntimeError("mim.bench measures one device; run it without torchrun")
     batch_size = c.batch_size
