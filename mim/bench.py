@@ -16,7 +16,9 @@ the task's: images, labels or soft labels, and the per-sample extras of the task
 
 ``--mode=data`` measures decode + augmentation: images/s of one worker (the train
 transform and the task's extras, in this process) and of the loader with the config's
-``data.num_workers``.
+``data.num_workers``, each batch then moved to the config's device as the training loop
+does (with ``--config.data.device_normalize=True``: uint8 batches, converted, normalised
+and randomly erased there).
 """
 from __future__ import annotations
 
@@ -167,12 +169,12 @@ class RealBatches:
         from mim.data import pipeline
         self.loader, _, _ = pipeline.train_loader(config, be, task, 0, total)
         self.it = iter(self.loader)
-        self.device = be.device
+        self.device, self.data_config, self.to_device = be.device, config.data, pipeline.to_device
 
     def __call__(self) -> Dict[str, torch.Tensor]:
         batch = next(self.it)
         batch.pop("skipped", None)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self.to_device(batch, self.device, self.data_config)
 
 
 # ----------------------------------------------------------------------------------------
@@ -422,9 +424,8 @@ def format_report(out: dict) -> str:
 
 def bench_data(config, *, data_dir: str = "", batches: int = 10, images: int = 200) -> dict:
     """Decode + augment throughput: one worker in this process, then the loader with
-    ``config.data.num_workers`` workers (``batches`` batches after the first)."""
-    import functools
-
+    ``config.data.num_workers`` workers (``batches`` batches after the first), each batch
+    moved to ``config.device`` by :func:`mim.data.pipeline.to_device` as in training."""
     from mim import tasks
     from mim.data import folder, pipeline, transforms
     c = config.copy_and_resolve_references()
@@ -437,8 +438,8 @@ def bench_data(config, *, data_dir: str = "", batches: int = 10, images: int = 2
         split = ""                           # a folder of class folders
         c.data.train_split = split
     task = tasks.get(c.task)
-    extras = functools.partial(pipeline._seed_extras, getattr(task, "batch_extras", None), c)
-    ds = folder.ImageFolder(c.data.path, split, transforms.train_transform(c.data), extras)
+    ds = folder.ImageFolder(c.data.path, split, transforms.train_transform(c.data),
+                            pipeline.seed_extras(c, task))
     n = min(images, len(ds))
     for i in range(min(5, n)):
         ds[(i, i)]
@@ -449,28 +450,39 @@ def bench_data(config, *, data_dir: str = "", batches: int = 10, images: int = 2
 
     workers = c.data.num_workers
     c.batch_size = min(c.batch_size, len(ds))
-    be = backend_lib.Backend("cpu", torch.device("cpu"), "fp32", False)
+    kind = backend_lib.detect_device(c.device)
+    be = backend_lib.Backend(kind, torch.device(kind, 0) if kind != "cpu" else torch.device("cpu"),
+                             "fp32", False)
     loader, _, _ = pipeline.train_loader(c, be, task, 0, batches + 1)
     it = iter(loader)
-    next(it)                                  # worker start-up and the first batch
+    pipeline.to_device(next(it), be.device, c.data)   # worker start-up and the first batch
+    be.synchronize()
     t0 = time.perf_counter()
-    count = 0
+    count, device_s = 0, 0.0
     for batch in it:
+        t1 = time.perf_counter()
+        batch = pipeline.to_device(batch, be.device, c.data)
+        device_s += time.perf_counter() - t1
         count += batch["image"].shape[0]
+    be.synchronize()
     dt = time.perf_counter() - t0
     total = count / dt if dt > 0 else float("nan")
     return {"path": ds.root, "images_in_split": len(ds), "image_size": c.data.image_size,
             "one_worker_images_per_s": one, "num_workers": workers, "batch_size": c.batch_size,
             "loader_images_per_s": total, "loader_images_per_s_per_worker": total / max(workers, 1),
-            "cpu_count": os.cpu_count()}
+            "device": str(be.device), "device_normalize": c.data.device_normalize,
+            "to_device_ms_per_batch": 1e3 * device_s / max(batches, 1), "cpu_count": os.cpu_count()}
 
 
 def format_data_report(r: dict) -> str:
     return "\n".join([
         f"images: {r['path']} ({r['images_in_split']} in split), train transform at {r['image_size']} px",
         f"one worker (in process): {r['one_worker_images_per_s']:.1f} images/s",
-        f"loader, {r['num_workers']} worker(s), batch {r['batch_size']}: {r['loader_images_per_s']:.1f} "
-        f"images/s ({r['loader_images_per_s_per_worker']:.1f} per worker; {r['cpu_count']} CPU cores)"])
+        f"loader, {r['num_workers']} worker(s), batch {r['batch_size']}, to {r['device']}: "
+        f"{r['loader_images_per_s']:.1f} images/s ({r['loader_images_per_s_per_worker']:.1f} per "
+        f"worker; {r['cpu_count']} CPU cores)",
+        f"to_device ({'uint8, normalised on the device' if r['device_normalize'] else 'float'}): "
+        f"{r['to_device_ms_per_batch']:.2f} ms per batch"])
 
 
 # ----------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def base() -> ml_collections.ConfigDict:
     d.eval_split = "val"
     d.num_workers = 2
     d.prefetch = 2
+    d.device_normalize = False    # uint8 channels-last batches; normalise + random erasing on the device
     d.image_size = 224
     d.crop_scale = (0.08, 1.0)
     d.crop_ratio = (3 / 4, 4 / 3)
@@ -158,6 +159,10 @@ def validate(c, world_size: int = 1) -> None:
     _check(0 < d.crop_pct <= 1, "data.crop_pct", f"must be in (0, 1], got {d.crop_pct}")
     _check(d.image_size > 0, "data.image_size", "must be positive")
     _check(0 <= d.label_smoothing < 1, "data.label_smoothing", "must be in [0, 1)")
+    _check(0 <= d.re_prob <= 1, "data.re_prob", f"must be in [0, 1], got {d.re_prob}")
+    _one_of(c, "data.re_mode", ("const", "rand", "pixel"))
+    _check(isinstance(d.re_count, int) and d.re_count >= 1, "data.re_count",
+           f"must be a positive integer, got {d.re_count!r}")
     if (d.mixup > 0 or d.cutmix > 0):
         _check((c.batch_size // world_size) % 2 == 0, "batch_size", "mixup/cutmix need an even batch per rank")
     m = c.model

@@ -110,14 +110,16 @@ def save_grid(path, image) -> None:
     os.replace(tmp, path)
 
 
-def fixed_images(config, num: int) -> torch.Tensor:
+def fixed_images(config, num: int, device="cpu") -> torch.Tensor:
     """``num`` eval-split images spread evenly over the split (so over its classes), with
-    the eval transform: the same pictures at every step and in every run."""
-    from mim.data import folder, transforms
+    the eval transform, normalised on ``device`` as the loader's batches are: the same
+    pictures at every step and in every run."""
+    from mim.data import folder, pipeline, transforms
     ds = folder.ImageFolder(config.data.path, config.data.eval_split,
                             transforms.eval_transform(config.data))
     idx = [i * len(ds) // num for i in range(min(num, len(ds)))]
-    return torch.stack([ds[(i, 0)]["image"] for i in idx])
+    batch = transforms.Collate(uint8=config.data.device_normalize)([ds[(i, 0)] for i in idx])
+    return pipeline.to_device(batch, device, config.data)["image"]
 
 
 class ReconstructionHook:
@@ -135,7 +137,7 @@ class ReconstructionHook:
         self.enabled = setup.be.is_main and self.every > 0
         self.dir = os.path.join(setup.workdir, "reconstructions")
         if self.enabled:
-            self.images = fixed_images(c, c.recon.num_images).to(setup.be.device)
+            self.images = fixed_images(c, c.recon.num_images, setup.be.device)
             self.inputs = {k: v.to(setup.be.device)
                            for k, v in fixed_inputs(c, self.images.shape[0]).items()}
 

@@ -1,4 +1,5 @@
-"""Loaders for a run: the training stream from any step on, and the eval split."""
+"""Loaders for a run: the training stream from any step on, and the eval split; and
+:func:`to_device`, through which every loader batch reaches the model's device."""
 from __future__ import annotations
 
 import functools
@@ -9,11 +10,23 @@ import torch
 from mim.data import folder, sampler, transforms
 
 
-def _seed_extras(extras_fn, config, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+def _seed_extras(extras_fn, config, gen: torch.Generator, erase: bool = False) -> Dict[str, torch.Tensor]:
     out = extras_fn(gen, config) if extras_fn is not None else {}
     # a per-sample seed for batch-level randomness (mixup) in the collate function
     out["mix_seed"] = torch.randint(0, 2 ** 62, (), generator=gen)
+    if erase:
+        # random erasing runs on the device (data.device_normalize), seeded per image
+        out["erase_seed"] = torch.randint(0, 2 ** 62, (), generator=gen)
     return out
+
+
+def seed_extras(config, task, train: bool = True):
+    """The per-sample draws (from the sample's own seed) that travel with its image: the
+    task's ``batch_extras``, ``mix_seed`` and, for training with random erasing on the
+    device, ``erase_seed``."""
+    d = config.data
+    return functools.partial(_seed_extras, getattr(task, "batch_extras", None), config,
+                             erase=train and d.device_normalize and d.re_prob > 0)
 
 
 def _loader(dataset, batch_sampler, config, collate, device_type):
@@ -25,9 +38,8 @@ def _loader(dataset, batch_sampler, config, collate, device_type):
 
 
 def train_loader(config, backend, task, start_step: int, total_steps: int):
-    extras = functools.partial(_seed_extras, getattr(task, "batch_extras", None), config)
     ds = folder.ImageFolder(config.data.path, config.data.train_split,
-                            transforms.train_transform(config.data), extras)
+                            transforms.train_transform(config.data), seed_extras(config, task))
     num_classes = config.model.get("num_classes", 0)
     if num_classes and len(ds.classes) > num_classes:
         raise folder.DatasetError(
@@ -35,18 +47,46 @@ def train_loader(config, backend, task, start_step: int, total_steps: int):
     mix = transforms.mixup(config.data, num_classes) if num_classes else None
     bs = sampler.TrainBatchSampler(len(ds), config.batch_size, backend.rank, backend.world_size,
                                    config.seed, start_step, total_steps)
-    return _loader(ds, bs, config, transforms.Collate(mix), backend.device_type), ds, bs
+    collate = transforms.Collate(mix, uint8=config.data.device_normalize)
+    return _loader(ds, bs, config, collate, backend.device_type), ds, bs
 
 
 def eval_loader(config, backend, task=None):
-    extras = functools.partial(_seed_extras, getattr(task, "batch_extras", None), config)
     ds = folder.ImageFolder(config.data.path, config.data.eval_split,
-                            transforms.eval_transform(config.data), extras)
+                            transforms.eval_transform(config.data), seed_extras(config, task, train=False))
     local = max(config.eval_batch_size // backend.world_size, 1)
     bs = sampler.EvalBatchSampler(len(ds), local, backend.rank, backend.world_size, config.seed)
-    return _loader(ds, bs, config, transforms.Collate(None), backend.device_type), ds
+    collate = transforms.Collate(None, uint8=config.data.device_normalize)
+    return _loader(ds, bs, config, collate, backend.device_type), ds
 
 
 def num_train_images(config) -> int:
     ds = folder.ImageFolder(config.data.path, config.data.train_split, lambda x: x)
     return len(ds)
+
+
+# One per device and setting, so that its mean and std are copied to the device once.
+_device_normalize = functools.lru_cache(maxsize=8)(transforms.DeviceNormalize)
+
+
+def to_device(batch: Dict[str, torch.Tensor], device, data_config) -> Dict[str, torch.Tensor]:
+    """A loader batch on ``device`` (non-blocking copies). With ``data.device_normalize``
+    its uint8 images become normalised floats there and, when it carries ``erase_seed``
+    (training with ``data.re_prob > 0``), are randomly erased per image."""
+    d = data_config
+    seeds = batch.get("erase_seed")
+    out = {}
+    for k, v in batch.items():
+        if k == "erase_seed":
+            continue
+        if k == "image" and d.device_normalize:
+            norm = _device_normalize(torch.device(device), tuple(d.mean), tuple(d.std),
+                                     float(d.re_prob), d.re_mode, int(d.re_count))
+            out[k] = norm(v, seeds)
+        elif k == "image" and v.dtype == torch.uint8:
+            raise TypeError("the loader made uint8 images but data.device_normalize is False")
+        else:
+            out[k] = v.to(device, non_blocking=True)
+    if seeds is not None and not d.device_normalize:
+        raise ValueError("the batch carries erase_seed but data.device_normalize is False")
+    return out
