@@ -39,7 +39,7 @@ def base() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.deterministic = False       # torch.use_deterministic_algorithms
     c.max_nonfinite_steps = 10    # stop after this many consecutive non-finite losses
-    c.sharding = "none"           # none | zero1: optimizer state sharded over ranks (mim.train.sharding)
+    c.sharding = "none"           # none | fsdp: parameters, gradients, optimizer state sharded (mim.train.sharding)
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""        # a file to start from (format set by init.format)
@@ -124,9 +124,7 @@ def validate(c, world_size: int = 1) -> None:
     _one_of(c, "optim.name", optim.OPTIMIZERS)
     _one_of(c, "optim.schedule", optim.SCHEDULES)
     _one_of(c, "init.format", ("mim",) + tuple(INIT_FORMATS))
-    _one_of(c, "sharding", ("none", "zero1"))
-    _check(c.sharding == "none" or c.optim.name != "lars", "sharding",
-           "zero1 updates slices of each tensor; LARS needs whole-tensor norms (use sharding='none')")
+    _one_of(c, "sharding", ("none", "fsdp"))
     for f in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints",
               "max_nonfinite_steps"):
         _check(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")

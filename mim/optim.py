@@ -104,11 +104,14 @@ def global_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
-def clip_by_global_norm(grads: List[torch.Tensor], max_norm: float):
+def clip_by_global_norm(grads: List[torch.Tensor], max_norm: float,
+                        norm: Optional[torch.Tensor] = None):
     """Gradients scaled so their global L2 norm is at most ``max_norm``
-    (``torch.nn.utils.clip_grad_norm_`` semantics, no host sync), and that norm.
-    Not in place: ``torch.func`` may return expanded (stride-0) gradients."""
-    norm = global_norm(grads)
+    (``torch.nn.utils.clip_grad_norm_`` semantics, no host sync), and that norm
+    (computed here unless given). Not in place: ``torch.func`` may return expanded
+    (stride-0) gradients."""
+    if norm is None:
+        norm = global_norm(grads)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     return torch._foreach_mul(grads, coef.to(grads[0].dtype)), norm
 

@@ -141,11 +141,16 @@ class ReconstructionHook:
             self.inputs = {k: v.to(setup.be.device)
                            for k, v in fixed_inputs(c, self.images.shape[0]).items()}
 
-    def after_step(self, step: int, state, batch, metrics):
-        if not self.enabled or step % self.every:
+    def due(self, step: int) -> bool:
+        """Whether ``step`` draws a picture (the same answer on every rank, which must
+        then all call :meth:`after_step` with the whole parameters)."""
+        return self.every > 0 and step % self.every == 0
+
+    def after_step(self, step: int, params, batch, metrics):
+        if not self.enabled or not self.due(step):
             return
         # fp32 for the picture, whatever precision the run trains in.
-        params = self.to_fp32(state["params"], dtype=torch.float32)
+        params = self.to_fp32(params, dtype=torch.float32)
         grid = self.picture(params, self.images, **self.inputs)
         path = os.path.join(self.dir, f"step_{step:08d}.png")
         save_grid(path, grid)

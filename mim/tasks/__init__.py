@@ -6,8 +6,9 @@
 - ``param_rules(config) -> ParamRules`` (layer ids, frozen and no-decay patterns)
 - ``batch_extras(gen, config) -> {name: tensor}``: per-sample inputs the pipeline draws
   (MAE noise, SimMIM masks), so the step stays deterministic.
-- ``hooks(setup, writer)`` (optional): an object whose ``after_step(step, state, batch,
-  metrics)`` runs after every step on every rank (reconstruction pictures).
+- ``hooks(setup, writer)`` (optional): an object with ``due(step) -> bool`` and
+  ``after_step(step, params, batch, metrics)``, which runs on every rank after each step
+  that is due, with the whole parameter tree (reconstruction pictures).
 - ``summarize(sums) -> metrics`` (optional): turns summed ``evaluate`` outputs into
   metrics; the default gives acc1 / acc5 / loss from correct1, correct5, loss_sum, count.
 """

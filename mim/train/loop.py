@@ -72,6 +72,13 @@ class Built:
     opt: object
     shard: object
 
+    def params(self) -> dict:
+        """The whole parameter tree (gathered from the shards under FSDP: every rank
+        must call it then)."""
+        if self.shard is None:
+            return self.state["params"]
+        return self.shard.full_params(self.state["params"], self.shard.backend.param_dtype)
+
 
 class Setup:
     """Everything a run builds before its first step."""
@@ -110,7 +117,7 @@ class Setup:
             layer_id=rules.layer_id, num_layers=rules.num_layers,
             lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
         opt = optim.create(c.optim.name, c.optim)
-        shard = sharding_lib.create(c.sharding, {n: flat[n].shape for n in trainable}, be)
+        shard = sharding_lib.create(c.sharding, trainable, be)
         state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard)
         fns = step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups,
                              schedule_for(c, total_steps, steps_per_epoch), be,
@@ -182,8 +189,8 @@ def train(config, workdir: str) -> Dict[str, float]:
 
     built = setup.build_train(total, steps_per_epoch)
     state, shard = built.state, built.shard
-    log.info("rank %d: optimizer state %d bytes (sharding=%s, %d rank(s))", be.rank,
-             sharding_lib.nbytes(state["opt"]) + sharding_lib.nbytes(state.get("master", {})),
+    log.info("rank %d: optimizer state %d bytes, trainable parameters %d bytes (sharding=%s, "
+             "%d rank(s))", be.rank, *sharding_lib.persistent_bytes(state, built.trainable),
              c.sharding if shard is not None else "none", be.world_size)
 
     start = 0
@@ -261,8 +268,8 @@ def train(config, workdir: str) -> Dict[str, float]:
         count += 1
         images += local_batch
         done = step_i + 1
-        if hooks is not None:
-            hooks.after_step(done, state, batch, m)
+        if hooks is not None and hooks.due(done):
+            hooks.after_step(done, built.params(), batch, m)
         if done % c.log_every == 0 or done == total:
             avg = reduce_mean({k: v / count for k, v in sums.items()}, be)
             avg["skipped_images"] *= count  # a count, not a mean
@@ -284,7 +291,7 @@ def train(config, workdir: str) -> Dict[str, float]:
             sums, count, images, data_time = {}, 0, 0, 0.0
             t_log = time.perf_counter()
         if hasattr(task, "evaluate") and (done % eval_every == 0 or done == total):
-            eval_metrics = evaluate(setup, state["params"], state["model_state"])
+            eval_metrics = evaluate(setup, built.params(), state["model_state"])
             if be.is_main:
                 writer.write(done, eval_metrics, prefix="eval")
                 print("eval step %d: %s" % (done, _fmt(eval_metrics)), flush=True)

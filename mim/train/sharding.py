@@ -1,198 +1,170 @@
-"""Optimizer-state sharding over data-parallel ranks (ZeRO stage 1, Rajbhandari et al.
-2020, Sec. 5.1), for mim's functional parameter trees. ``config.sharding="zero1"``.
+"""Fully sharded data parallel training (``config.sharding="fsdp"``) for mim's functional
+parameter trees, built on ``torch.distributed.tensor`` (DTensor), the machinery under
+PyTorch's FSDP2 (``fully_shard``).
 
-What is sharded and what is not:
+Between steps every rank holds only its shard of each trainable tensor: the
+parameters (in fp32 under the ``bf16``/``fp16`` policies, where the shard *is* the
+master weight, so there is no separate copy), the optimizer state (AdamW moments, SGD
+or LARS momentum) and the gradients. A trainable tensor is a ``DTensor`` on a
+one-dimensional device mesh over all ranks, placed ``Shard(d)`` on its first dimension
+``d`` that the number of ranks divides, so every rank's shard has the same shape (which
+keeps compiled graphs valid on every rank); a tensor with no such dimension (0-d, or a
+small odd-sized bias) is replicated, and its gradient all-reduced.
 
-- **optimizer state** (AdamW moments, SGD momentum) and, under the ``bf16``/``fp16``
-  precision policies, the **fp32 master weights**: rank ``r`` keeps only slice ``r`` of
-  every trainable tensor (flattened, zero-padded to a multiple of the world size), so
-  these take ``1/world`` of the memory on each rank;
-- **gradients** are reduce-scattered instead of all-reduced: after the reduction a rank
-  holds only its averaged slice. During the backward pass the whole local gradient
-  tree still exists (``torch.func.grad`` returns it at once, so it cannot be reduced
-  bucket by bucket as the backward runs, as ZeRO-2 does);
-- **parameters are replicated**: every rank runs forward and backward on the full
-  tree, then the updated slices are all-gathered into it (ZeRO-3 / FSDP would gather
-  them layer by layer inside the forward pass; mim's models do not do that).
+The step, as in Zhang et al. 2024 ("SimpleFSDP"):
 
-So the saving is the optimizer state (2 fp32 tensors per parameter for AdamW, plus the
-fp32 master copy under O2): per parameter, fp32 AdamW goes from 16 bytes (parameter,
-gradient, 2 moments) to 8 + 8/world; O2 bf16 from 16 (2 + 2 + 4 master + 8) to
-4 + 12/world. The communication volume equals DDP's (a reduce-scatter
-plus an all-gather is one all-reduce).
+- **gather**: inside the forward each shard is redistributed to ``Replicate()``
+  (an all-gather, in the compute precision) and handed to the model as a plain tensor
+  whose gradient is declared ``Partial()``: DTensor's backward of that all-gather is
+  then a **reduce-scatter**, issued by autograd as soon as each parameter's gradient
+  is complete, so the whole gradient tree never exists on one rank;
+- **update**: the optimizer (``mim.optim``: multi-tensor ops, per-tensor LARS norms,
+  global-norm clipping) runs on the DTensors directly; DTensor computes norms across
+  the shards, so every optimizer, LARS included, gives the unsharded result;
+- the gathered parameters live from the forward to the end of the backward (they are
+  not freed and gathered again block by block, as FSDP's ``reshard_after_forward``
+  does), so the saving is in what persists between steps: fp32 AdamW needs
+  ``16/world`` bytes per parameter plus the transient full parameters and their
+  gradients, instead of 16.
 
-Checkpoints hold the full, unsharded state (the slices are gathered to rank 0's host
-memory one tensor at a time), so a run can resume with any number of ranks and with
-sharding switched on or off.
+Gradients come from ``torch.autograd.grad`` here rather than ``torch.func.grad``:
+functorch's transforms do not see through tensor subclasses such as DTensor.
 
-The update of a slice equals the update of the whole tensor only for element-wise
-optimizers (AdamW, SGD); the global gradient norm for clipping is all-reduced. LARS
-needs per-tensor norms and is refused by :func:`mim.config.validate`.
+Checkpoints hold the full, unsharded state in the layout of an unsharded run (the
+shards are gathered to host memory one tensor at a time), so a run can resume with
+any number of ranks and with sharding switched on or off.
 """
 from __future__ import annotations
 
 import logging
-import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 
 from mim import tree
 from mim.checkpoints import io as ckpt
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "zero1")
+MODES = ("none", "fsdp")
 
 
-class Sharding:
-    """Rank ``rank``'s slice of each named tensor: elements ``[rank*S, (rank+1)*S)`` of the
-    flattened tensor zero-padded to ``world*S``, ``S = ceil(numel / world)``."""
+class FSDP:
+    """Shards, gathers and checkpoints the trainable tensors of one run."""
 
-    def __init__(self, shapes: Dict[str, torch.Size], rank: int, world: int,
-                 bucket_bytes: int = 25 << 20):
-        self.names = list(shapes)
-        self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
-        self.numel = {n: math.prod(s) for n, s in self.shapes.items()}
-        self.size = {n: max(-(-self.numel[n] // world), 1) for n in self.names}
-        self.rank, self.world, self.bucket_bytes = rank, world, bucket_bytes
+    def __init__(self, backend, trainable: List[str]):
+        self.backend = backend
+        self.trainable = list(trainable)
+        self.mesh = init_device_mesh(backend.device_type, (backend.world_size,))
+        self.world = backend.world_size
 
-    # ----------------------------------------------------------------- slices
+    # ------------------------------------------------------------- placement
 
-    def _padded(self, t: torch.Tensor, n: str) -> torch.Tensor:
-        flat = t.reshape(-1)
-        pad = self.world * self.size[n] - flat.numel()
-        return torch.nn.functional.pad(flat, (0, pad)) if pad else flat
+    def placement(self, shape) -> Placement:
+        """``Shard(d)`` on the first dimension ``d`` that splits evenly over the ranks, or
+        ``Replicate()`` when none does (0-d and small odd-sized tensors)."""
+        for d, n in enumerate(shape):
+            if n % self.world == 0:
+                return Shard(d)
+        return Replicate()
 
-    def local(self, full: torch.Tensor, n: str) -> torch.Tensor:
-        """A new tensor holding this rank's slice of ``full``."""
-        s = self.size[n]
-        return self._padded(full, n)[self.rank * s:(self.rank + 1) * s].clone()
+    def shard(self, t: torch.Tensor) -> DTensor:
+        """This rank's shard of ``t`` (which every rank holds whole), as a DTensor that
+        owns its memory; no communication."""
+        return distribute_tensor(t.detach(), self.mesh, [self.placement(t.shape)], src_data_rank=None)
 
-    def local_tree(self, fulls: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {n: self.local(fulls[n], n) for n in self.names}
+    def gather(self, p: DTensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The whole of ``p`` as a plain tensor for the forward (all-gathered in
+        ``dtype``). Its gradient is a per-rank partial sum, so autograd reduce-scatters
+        it (summed, in ``p``'s dtype) into ``p``'s gradient shard."""
+        full = p.redistribute(self.mesh, [Replicate()], forward_dtype=dtype,
+                              backward_dtype=p.dtype if dtype not in (None, p.dtype) else None)
+        return full.to_local(grad_placements=[Partial()])
 
-    def _buckets(self, tensors: Dict[str, torch.Tensor]) -> List[List[str]]:
-        """Names grouped into buckets of one dtype and about ``bucket_bytes`` each."""
-        out: List[List[str]] = []
-        size, dtype = 0, None
-        for n in self.names:
-            t = tensors[n]
-            if not out or t.dtype != dtype or size >= self.bucket_bytes:
-                out.append([])
-                size, dtype = 0, t.dtype
-            out[-1].append(n)
-            size += self.size[n] * self.world * t.element_size()
-        return out
+    @staticmethod
+    def full(t):
+        """A DTensor's whole value (collective); other values unchanged."""
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def full_params(self, params: dict, dtype: Optional[torch.dtype] = None) -> dict:
+        """The unsharded parameter tree (for evaluation and pictures; every rank calls it)."""
+        flat = tree.flatten(params)
+        out = {}
+        for k, v in flat.items():
+            if isinstance(v, DTensor):
+                v = v.full_tensor()
+                if dtype is not None and v.is_floating_point():
+                    v = v.to(dtype)
+            out[k] = v
+        return tree.unflatten(out)
 
     # ------------------------------------------------------------ collectives
 
-    def reduce_scatter_mean(self, grads: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Each rank's slice of the gradients averaged over ranks (bucketed)."""
-        out: Dict[str, torch.Tensor] = {}
-        for bucket in self._buckets(grads):
-            total = sum(self.size[n] for n in bucket)
-            ref = grads[bucket[0]]
-            send = torch.empty(self.world, total, dtype=ref.dtype, device=ref.device)
-            off = 0
-            for n in bucket:
-                s = self.size[n]
-                send[:, off:off + s] = self._padded(grads[n], n).view(self.world, s)
-                off += s
-            recv = torch.empty(total, dtype=ref.dtype, device=ref.device)
-            dist.reduce_scatter_tensor(recv, send.view(-1))
-            recv.div_(self.world)
-            off = 0
-            for n in bucket:
-                out[n] = recv[off:off + self.size[n]]
-                off += self.size[n]
-        return out
-
-    def all_gather_into_(self, shards: Dict[str, torch.Tensor], fulls: Dict[str, torch.Tensor]):
-        """Write the slices of all ranks into the full tensors ``fulls`` (cast to their dtype)."""
-        for bucket in self._buckets(fulls):
-            ref = fulls[bucket[0]]
-            send = torch.cat([shards[n].to(ref.dtype) for n in bucket])
-            recv = torch.empty(self.world, send.numel(), dtype=ref.dtype, device=ref.device)
-            dist.all_gather_into_tensor(recv.view(-1), send)
-            off = 0
-            for n in bucket:
-                s = self.size[n]
-                whole = recv[:, off:off + s].reshape(-1)[:self.numel[n]]
-                fulls[n].copy_(whole.view(self.shapes[n]))
-                off += s
-
-    def gather_full(self, shard: torch.Tensor, n: str, device="cpu") -> torch.Tensor:
-        """The whole tensor ``n`` from every rank's slice, on ``device`` (checkpoints)."""
-        recv = torch.empty(self.world * self.size[n], dtype=shard.dtype, device=shard.device)
-        dist.all_gather_into_tensor(recv, shard.contiguous())
-        return recv[:self.numel[n]].view(self.shapes[n]).to(device)
-
-    def global_norm(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L2 norm of the whole gradient from every rank's slices (padding is zero)."""
-        norms = torch._foreach_norm(list(shards))
-        sq = torch.stack([x.float() for x in norms]).square().sum()
-        dist.all_reduce(sq)
-        return sq.sqrt()
-
-    def all_finite(self, shards: Sequence[torch.Tensor]) -> bool:
-        bad = torch.stack([(~torch.isfinite(t)).any() for t in shards]).any().float()
+    @staticmethod
+    def all_finite(grads: List[DTensor]) -> bool:
+        """Whether every rank's gradient shards are finite (one host sync)."""
+        bad = torch.stack([(~torch.isfinite(g.to_local())).any() for g in grads]).any().float()
         dist.all_reduce(bad)
         return bad.item() == 0
 
     # ------------------------------------------------------------ train state
 
-    def sharded_keys(self, state: dict) -> Dict[str, str]:
-        """Flat state names that hold slices -> the parameter name they slice: the
-        optimizer's per-parameter sub-trees and the master weights."""
+    def _unsharded_keys(self, state: dict) -> Dict[str, List[str]]:
+        """Flat state name -> the names it has in an unsharded run's checkpoint.
+        Under the O2 policies the fp32 parameter shard is both ``master.<n>`` and, cast
+        to the compute precision, ``params.<n>``."""
+        master = self.backend.master_weights
         out = {}
-        names = set(self.names)
-        groups = [("opt." + k, v) for k, v in state["opt"].items()]
-        if "master" in state:
-            groups.append(("master", state["master"]))
-        for prefix, sub in groups:
-            if isinstance(sub, dict) and set(sub) == names:
-                for n in self.names:
-                    out[f"{prefix}.{n}"] = n
+        for k, v in tree.flatten(state).items():
+            if master and k.startswith("params.") and isinstance(v, DTensor):
+                out[k] = ["master." + k[len("params."):], k]
+            else:
+                out[k] = [k]
         return out
 
     def full_state(self, state: dict) -> dict:
-        """The unsharded state for a checkpoint. Every rank must call it; the gathered
-        tensors land in host memory, one at a time."""
-        keys = self.sharded_keys(state)
-        flat = {}
+        """The unsharded state for a checkpoint, in an unsharded run's layout. Every rank
+        must call it; the gathered tensors land in host memory, one at a time."""
+        keys = self._unsharded_keys(state)
+        out = {}
         for k, v in tree.flatten(state).items():
-            flat[k] = self.gather_full(v, keys[k]) if k in keys else v
-        return flat
+            whole = v.full_tensor().cpu() if isinstance(v, DTensor) else v
+            names = keys[k]
+            if len(names) == 2:  # O2: fp32 master and the compute-precision copy
+                out[names[0]] = whole
+                out[names[1]] = whole.to(self.backend.param_dtype)
+            else:
+                out[names[0]] = whole
+        return out
 
     def restore_into(self, state: dict, path: str) -> dict:
-        """Copy an unsharded checkpoint into a sharded state, keeping this rank's slices."""
+        """Copy an unsharded checkpoint into a sharded state, keeping this rank's shards."""
         saved = ckpt.load_tensors(path)
         flat = tree.flatten(state)
-        keys = self.sharded_keys(state)
-        missing = sorted(set(flat) - set(saved))
-        unexpected = sorted(set(saved) - set(flat))
+        keys = self._unsharded_keys(state)
+        expected = {n for names in keys.values() for n in names}
+        missing = sorted(expected - set(saved))
+        unexpected = sorted(set(saved) - expected)
         if missing or unexpected:
             raise ckpt.CheckpointError(
                 f"{path} does not match this experiment's train state: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]} (is the workdir from another experiment?)")
         for k, t in flat.items():
-            src = saved[k]
-            if k in keys:
-                n = keys[k]
-                if src.shape != self.shapes[n]:
-                    raise ckpt.CheckpointError(f"{path}: {k} has shape {tuple(src.shape)}, "
-                                               f"this experiment expects {tuple(self.shapes[n])}")
-                src = self.local(src, n)
-            elif t.shape != src.shape:
-                raise ckpt.CheckpointError(f"{path}: {k} has shape {tuple(src.shape)}, "
+            src = saved[keys[k][0]]
+            if tuple(src.shape) != tuple(t.shape):
+                raise ckpt.CheckpointError(f"{path}: {keys[k][0]} has shape {tuple(src.shape)}, "
                                            f"this experiment expects {tuple(t.shape)}")
-            t.copy_(src)
+            if isinstance(t, DTensor):
+                t.to_local().copy_(self.shard(src.to(t.dtype)).to_local())
+            else:
+                t.copy_(src)
         return state
 
 
-def create(mode: str, shapes: Dict[str, torch.Size], backend) -> Optional[Sharding]:
+def create(mode: str, trainable: List[str], backend) -> Optional[FSDP]:
     """The sharding for ``config.sharding``, or None (``"none"``, or a single rank)."""
     if mode not in MODES:
         raise ValueError(f"config.sharding={mode!r}: must be one of {MODES}")
@@ -201,11 +173,21 @@ def create(mode: str, shapes: Dict[str, torch.Size], backend) -> Optional[Shardi
     if not backend.distributed:
         log.info("config.sharding=%r on a single rank: nothing to shard", mode)
         return None
-    return Sharding(shapes, backend.rank, backend.world_size)
+    return FSDP(backend, trainable)
+
+
+def persistent_bytes(state: dict, trainable: List[str]):
+    """Bytes this rank keeps between steps: (optimizer state plus fp32 master weights,
+    trainable parameters)."""
+    flat = tree.flatten(state["params"])
+    return (nbytes(state["opt"]) + nbytes(state.get("master", {})),
+            nbytes({n: flat[n] for n in trainable}))
 
 
 def nbytes(t) -> int:
-    """Bytes of the tensors in a tree (the optimizer state a rank holds)."""
+    """Bytes of the tensors in a tree that this rank holds (a DTensor's local shard)."""
     if isinstance(t, dict):
         return sum(nbytes(v) for v in t.values())
+    if isinstance(t, DTensor):
+        t = t.to_local()
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0

@@ -24,8 +24,9 @@ INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
 def create_state(params: dict, model_state: dict, opt, trainable: List[str], backend: Backend,
                  sharding=None) -> dict:
     """The whole mutable training state, on the device. With a
-    :class:`mim.train.sharding.Sharding`, the optimizer state and master weights hold
-    this rank's slices only."""
+    :class:`mim.train.sharding.FSDP`, the trainable parameters (fp32 under the O2
+    policies: they are the master weights) and their optimizer state are this rank's
+    shards."""
     dev = backend.device
     params = tree.to(params, dev)
     flat = tree.flatten(params)
@@ -33,17 +34,20 @@ def create_state(params: dict, model_state: dict, opt, trainable: List[str], bac
     if missing:
         raise KeyError(f"trainable names not in params: {missing[:5]}")
     state = {"step": torch.zeros((), dtype=torch.int64, device=dev)}
-    if backend.master_weights:
+    if sharding is not None:
+        train = {n: sharding.shard(flat[n].float() if backend.master_weights else flat[n])
+                 for n in trainable}
+        rest = tree.to(tree.unflatten({k: v for k, v in flat.items() if k not in train}),
+                       dtype=backend.param_dtype)
+        params = tree.unflatten({**tree.flatten(rest), **train})
+        state["opt"] = opt.init(train)
+    elif backend.master_weights:
         # O2: the forward sees low-precision params; the optimizer owns fp32 masters.
         state["master"] = {n: flat[n].float().clone() for n in trainable}
-        if sharding is not None:
-            state["master"] = sharding.local_tree(state["master"])
         params = tree.to(params, dtype=backend.param_dtype)
-        flat = tree.flatten(params)
         state["opt"] = opt.init(state["master"])
     else:
-        train = {n: flat[n] for n in trainable}
-        state["opt"] = opt.init(sharding.local_tree(train) if sharding is not None else train)
+        state["opt"] = opt.init({n: flat[n] for n in trainable})
     state["params"] = params
     state["model_state"] = tree.to(model_state, dev)
     if backend.loss_scaling:
@@ -115,8 +119,9 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
     """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``.
 
     On several ranks the gradients are averaged between ``grad_step`` and
-    ``update_step``; with a :class:`mim.train.sharding.Sharding` they are
-    reduce-scattered and each rank updates its slice (see that module)."""
+    ``update_step``. With a :class:`mim.train.sharding.FSDP` the parameters are
+    gathered inside the forward and the gradients reduce-scattered by autograd during
+    the backward; each rank updates its shards (see that module)."""
     trainable = [n for g in groups for n in g.names]
     trainable_set = set(trainable)
 
@@ -125,21 +130,26 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
         with backend.autocast():
             loss, (model_state, metrics) = loss_fn(params, model_state, batch, True)
         loss = loss.float()
-        return loss * scale / grad_accum, (loss.detach(), model_state, metrics)
+        obj = loss if scale is None else loss * scale
+        if grad_accum > 1:
+            obj = obj / grad_accum
+        return obj, (loss.detach(), model_state, metrics)
 
-    grad_fn = torch.func.grad_and_value(scaled_loss, has_aux=True)
-
-    def grad_step(state, batch):
+    def split_state(state, batch):
         if backend.master_weights:  # O2: inputs in the parameters' precision
             batch = {k: v.to(backend.param_dtype) if v.is_floating_point() else v for k, v in batch.items()}
         flat = tree.flatten(state["params"])
         train_params = {n: flat[n] for n in trainable}
         frozen = {n: v for n, v in flat.items() if n not in trainable_set}
-        scale = state["loss_scale"]["scale"] if "loss_scale" in state else 1.0
+        scale = state["loss_scale"]["scale"] if "loss_scale" in state else None
+        return batch, train_params, frozen, scale
+
+    def accumulate(state, batch, grad_of):
+        """Sum ``grad_of(micro, model_state)`` over the micro-batches; mean metrics."""
         grads, losses, metrics_list = None, [], []
         model_state = state["model_state"]
         for micro in split_batch(batch, grad_accum):
-            g, (_, (loss, model_state, metrics)) = grad_fn(train_params, frozen, model_state, micro, scale)
+            g, loss, model_state, metrics = grad_of(micro, model_state)
             grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
             losses.append(loss)
             metrics_list.append(metrics)
@@ -148,22 +158,62 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
         metrics["loss"] = torch.stack(losses).mean()
         return grads, metrics
 
+    if sharding is None:
+        grad_fn = torch.func.grad_and_value(scaled_loss, has_aux=True)
+
+        def grad_step(state, batch):
+            batch, train_params, frozen, scale = split_state(state, batch)
+
+            def grad_of(micro, model_state):
+                g, (_, (loss, model_state, metrics)) = grad_fn(train_params, frozen, model_state, micro, scale)
+                return g, loss, model_state, metrics
+
+            return accumulate(state, batch, grad_of)
+
+        eager_grad_step = grad_step
+    else:
+        def sharded_loss(train_shards, frozen, model_state, batch, scale):
+            full = {n: sharding.gather(p, backend.param_dtype) for n, p in train_shards.items()}
+            return scaled_loss(full, frozen, model_state, batch, scale)
+
+        def fsdp_grad_step(forward):
+            def grad_step(state, batch):
+                batch, shards, frozen, scale = split_state(state, batch)
+                leaves = {n: p.detach().requires_grad_() for n, p in shards.items()}
+
+                def grad_of(micro, model_state):
+                    obj, (loss, model_state, metrics) = forward(leaves, frozen, model_state, micro, scale)
+                    g = torch.autograd.grad(obj, [leaves[n] for n in trainable])
+                    return dict(zip(trainable, g)), loss, tree.map(torch.Tensor.detach, model_state), metrics
+
+                grads, metrics = accumulate(state, batch, grad_of)
+                # The reduce-scatter summed the ranks' gradients (the loss is not divided
+                # before the backward, so fp16 overflows as on one rank): average them.
+                shards = torch._foreach_div([grads[n] for n in trainable], float(sharding.world))
+                return dict(zip(trainable, shards)), {k: v.detach() for k, v in metrics.items()}
+            return grad_step
+
+        grad_step = fsdp_grad_step(sharded_loss)
+        eager_grad_step = grad_step
+        if backend.compile:  # the forward compiles; autograd runs its compiled backward
+            grad_step = fsdp_grad_step(torch.compile(sharded_loss))
+
     def update_step(state, grads, metrics):
         g = [grads[n].float() if backend.master_weights else grads[n] for n in trainable]
         if "loss_scale" in state:
             g = torch._foreach_div(g, state["loss_scale"]["scale"])
+        norm = optim.global_norm(g)
+        if sharding is not None:  # the norm of DTensor shards is a partial result
+            norm = sharding.full(norm)
         if clip_grad:
-            g, norm = optim.clip_by_global_norm(g, clip_grad)
-        else:
-            norm = optim.global_norm(g)
+            g, norm = optim.clip_by_global_norm(g, clip_grad, norm)
         lr = schedule(state["step"])
         gd = dict(zip(trainable, g))
-        if backend.master_weights:
+        flat = tree.flatten(state["params"])
+        if "master" in state:
             opt.update(state["master"], gd, state["opt"], lr, groups)
-            flat = tree.flatten(state["params"])
             torch._foreach_copy_([flat[n] for n in trainable], [state["master"][n] for n in trainable])
-        else:
-            flat = tree.flatten(state["params"])
+        else:  # full-precision parameters, or FSDP's fp32 shards
             opt.update({n: flat[n] for n in trainable}, gd, state["opt"], lr, groups)
         state["step"].add_(1)
         metrics = dict(metrics, grad_norm=norm, lr=lr)
@@ -175,37 +225,18 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
 
     compiled_grad, compiled_update, compiled_train = grad_step, update_step, train_step
     if backend.compile:
-        compiled_grad = torch.compile(grad_step)
+        if sharding is None:
+            compiled_grad = torch.compile(grad_step)
+            compiled_train = torch.compile(train_step)
         compiled_update = torch.compile(update_step)
-        compiled_train = torch.compile(train_step)
 
     needs_host = backend.distributed or backend.loss_scaling
     if not needs_host:
-        return StepFns(compiled_train, compiled_grad, compiled_update, grad_step)
-
-    def sharded_update(state, grads, metrics):
-        """``update_step`` on this rank's slices, then the slices are all-gathered."""
-        g = [grads[n].float() if backend.master_weights else grads[n] for n in trainable]
-        if "loss_scale" in state:
-            g = torch._foreach_div(g, state["loss_scale"]["scale"])
-        norm = sharding.global_norm(g)
-        if clip_grad:  # as optim.clip_by_global_norm, with the norm over all slices
-            coef = torch.clamp(clip_grad / (norm + 1e-6), max=1.0)
-            g = torch._foreach_mul(g, coef.to(g[0].dtype))
-        lr = schedule(state["step"])
-        flat = tree.flatten(state["params"])
-        full = {n: flat[n] for n in trainable}
-        shards = state["master"] if backend.master_weights else sharding.local_tree(full)
-        opt.update(shards, dict(zip(trainable, g)), state["opt"], lr, groups)
-        sharding.all_gather_into_(shards, full)
-        state["step"].add_(1)
-        return state, dict(metrics, grad_norm=norm, lr=lr)
+        return StepFns(compiled_train, compiled_grad, compiled_update, eager_grad_step)
 
     def host_step(state, batch):
         grads, metrics = compiled_grad(state, batch)
-        if sharding is not None:
-            grads = sharding.reduce_scatter_mean({n: grads[n] for n in trainable})
-        elif backend.distributed:
+        if sharding is None and backend.distributed:
             grads = dict(zip(trainable, all_reduce_mean([grads[n] for n in trainable],
                                                         backend.world_size)))
         if "loss_scale" in state:
@@ -222,12 +253,9 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
             ls["good_steps"].add_(1)
             grow = (ls["good_steps"] % GROWTH_INTERVAL) == 0
             ls["scale"].mul_(torch.where(grow, 2.0, 1.0))
-        if sharding is not None:
-            state, metrics = sharded_update(state, grads, metrics)
-        else:
-            state, metrics = compiled_update(state, grads, metrics)
+        state, metrics = compiled_update(state, grads, metrics)
         if "loss_scale" in state:
             metrics["loss_scale"] = state["loss_scale"]["scale"].clone()
         return state, metrics
 
-    return StepFns(host_step, compiled_grad, compiled_update, grad_step)
+    return StepFns(host_step, compiled_grad, compiled_update, eager_grad_step)
