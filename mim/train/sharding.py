@@ -21,11 +21,12 @@ The step, as in Zhang et al. 2024 ("SimpleFSDP"):
 - **update**: the optimizer (``mim.optim``: multi-tensor ops, per-tensor LARS norms,
   global-norm clipping) runs on the DTensors directly; DTensor computes norms across
   the shards, so every optimizer, LARS included, gives the unsharded result;
-- the gathered parameters live from the forward to the end of the backward (they are
-  not freed and gathered again block by block, as FSDP's ``reshard_after_forward``
-  does), so the saving is in what persists between steps: fp32 AdamW needs
-  ``16/world`` bytes per parameter plus the transient full parameters and their
-  gradients, instead of 16.
+- **reshard after forward** (FSDP's default): autograd does not keep the gathered
+  parameters for the backward; it keeps a reference to the shard and the backward
+  gathers each parameter again when it needs it (:meth:`FSDP.gathered`). So whole
+  parameters exist only while the forward runs and, one at a time, in the backward.
+  The forward itself still gathers all parameters at its start rather than block by
+  block.
 
 Gradients come from ``torch.autograd.grad`` here rather than ``torch.func.grad``:
 functorch's transforms do not see through tensor subclasses such as DTensor.
@@ -36,7 +37,10 @@ any number of ranks and with sharding switched on or off.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -83,6 +87,44 @@ class FSDP:
         full = p.redistribute(self.mesh, [Replicate()], forward_dtype=dtype,
                               backward_dtype=p.dtype if dtype not in (None, p.dtype) else None)
         return full.to_local(grad_placements=[Partial()])
+
+    @contextlib.contextmanager
+    def gathered(self, shards: Dict[str, DTensor], dtype: Optional[torch.dtype] = None):
+        """The whole parameters for one forward pass, as :meth:`gather` gives them, with
+        FSDP's resharding after the forward: while the context is open, autograd saves a
+        reference to the shard in place of any tensor that shares a gathered parameter's
+        memory (the parameter itself, a transposed view), and the backward all-gathers it
+        again when it needs it. Once the forward has dropped them, the whole parameters
+        are freed until the backward, which holds each one only while it is used. (A
+        copy the forward makes, such as an autocast cast, is saved as it is.)
+
+        Every rank runs the same graph, so the backward's all-gathers come in the same
+        order on every rank."""
+        owners: Dict[int, str] = {}
+        live: "weakref.WeakValueDictionary[str, torch.Tensor]" = weakref.WeakValueDictionary()
+
+        def pack(t):
+            if isinstance(t, DTensor) or t.numel() == 0:
+                return t
+            n = owners.get(t.untyped_storage().data_ptr())
+            return t if n is None else _Regather(n, t.storage_offset(), t.size(), t.stride())
+
+        def unpack(v):
+            if not isinstance(v, _Regather):
+                return v
+            full = live.get(v.name)
+            if full is None:
+                with torch.no_grad():
+                    full = self.gather(shards[v.name], dtype)
+                live[v.name] = full
+            return full.as_strided(v.size, v.stride, v.offset)
+
+        full = {n: self.gather(p, dtype) for n, p in shards.items()}
+        for n, t in full.items():
+            if t.numel():
+                owners[t.untyped_storage().data_ptr()] = n
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield full
 
     @staticmethod
     def full(t):
@@ -162,6 +204,15 @@ class FSDP:
             else:
                 t.copy_(src)
         return state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Regather:
+    """What autograd keeps of a saved tensor that views a gathered parameter."""
+    name: str
+    offset: int
+    size: torch.Size
+    stride: tuple
 
 
 def create(mode: str, trainable: List[str], backend) -> Optional[FSDP]:

@@ -172,17 +172,16 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
 
         eager_grad_step = grad_step
     else:
-        def sharded_loss(train_shards, frozen, model_state, batch, scale):
-            full = {n: sharding.gather(p, backend.param_dtype) for n, p in train_shards.items()}
-            return scaled_loss(full, frozen, model_state, batch, scale)
-
         def fsdp_grad_step(forward):
             def grad_step(state, batch):
                 batch, shards, frozen, scale = split_state(state, batch)
                 leaves = {n: p.detach().requires_grad_() for n, p in shards.items()}
 
                 def grad_of(micro, model_state):
-                    obj, (loss, model_state, metrics) = forward(leaves, frozen, model_state, micro, scale)
+                    # Gathered outside ``forward``, so a compiled forward sees plain tensors.
+                    with sharding.gathered(leaves, backend.param_dtype) as full:
+                        obj, (loss, model_state, metrics) = forward(full, frozen, model_state, micro, scale)
+                        del full
                     g = torch.autograd.grad(obj, [leaves[n] for n in trainable])
                     return dict(zip(trainable, g)), loss, tree.map(torch.Tensor.detach, model_state), metrics
 
@@ -193,10 +192,10 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
                 return dict(zip(trainable, shards)), {k: v.detach() for k, v in metrics.items()}
             return grad_step
 
-        grad_step = fsdp_grad_step(sharded_loss)
+        grad_step = fsdp_grad_step(scaled_loss)
         eager_grad_step = grad_step
         if backend.compile:  # the forward compiles; autograd runs its compiled backward
-            grad_step = fsdp_grad_step(torch.compile(sharded_loss))
+            grad_step = fsdp_grad_step(torch.compile(scaled_loss))
 
     def update_step(state, grads, metrics):
         g = [grads[n].float() if backend.master_weights else grads[n] for n in trainable]
