@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
+import gc
 import importlib
 import logging
 import os
@@ -168,6 +169,29 @@ def setup(device: str = "auto", precision: str = "fp32", compile: str = "auto") 
     if use_compile and device_type == "npu":
         raise ValueError("config.compile='on' is not supported on NPU; use 'auto' or 'off'")
     return Backend(device_type, dev, precision, use_compile, rank, world, local_rank)
+
+
+def teardown() -> None:
+    """Leave the process group, if one was joined: call it when a run has finished.
+
+    A collective backend's worker threads drop their references to a finished collective
+    (and so to its tensors) only after the caller has been woken. A thread that does it
+    while the interpreter is shutting down cannot take the GIL to release the tensors'
+    Python objects: Python ends that thread in the middle of a C++ destructor, which
+    aborts the process ("terminate called without an active exception"). Only deleting
+    the group stops and joins those threads (gloo has no other shutdown), so this must
+    happen while the interpreter is still whole."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    # A DeviceMesh (config.sharding=fsdp) keeps its groups in a registry of its own, and
+    # DTensor's caches keep the mesh alive: without this its group would outlive the run.
+    from torch.distributed.device_mesh import DeviceMesh
+    for obj in gc.get_objects():
+        if issubclass(type(obj), DeviceMesh):
+            registry = getattr(obj, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
 
 
 def seed_step(seed: int, step: int, rank: int) -> int:

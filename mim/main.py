@@ -17,6 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metr
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mim import backend
     from mim.train import loop
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _CONFIG.value
@@ -24,6 +25,9 @@ def main(argv):
         loop.evaluate_only(config, _WORKDIR.value)
     else:
         loop.train(config, _WORKDIR.value)
+    # The process group's threads must not outlive the interpreter (backend.teardown).
+    # Not after an error: joining them could wait on a collective that never completes.
+    backend.teardown()
 
 
 def run():
