@@ -192,6 +192,9 @@ def teardown() -> None:
             registry = getattr(obj, "_pg_registry", None)
             if isinstance(registry, dict):
                 registry.clear()
+            else:  # another torch version: say so rather than risk the abort unseen
+                log.warning("DeviceMesh has no _pg_registry in this torch version: its process "
+                            "group may outlive the run and abort the process at exit")
 
 
 def seed_step(seed: int, step: int, rank: int) -> int:
