@@ -326,3 +326,38 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, d
     assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]
     steps = sorted(os.listdir(tmp_path / "checkpoints"))
     assert steps == [f"step_{int(stops[0]):08d}"], (steps, stops)
+
+
+def _teardown_worker(rank, world, port, out_dir):
+    """gloo's worker threads of the process (by name) before the group, with it, and after
+    ``backend.teardown()``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from mim import backend
+
+    def gloo_threads():
+        tasks = "/proc/self/task"
+        return sum("gloo" in open(os.path.join(tasks, t, "comm")).read() for t in os.listdir(tasks))
+
+    before = gloo_threads()
+    backend.setup("cpu", "fp32", "off")
+    total = torch.ones(())
+    torch.distributed.all_reduce(total)
+    during = gloo_threads()
+    backend.teardown()
+    after = gloo_threads()
+    torch.save({"before": before, "during": during, "after": after, "total": total.item()},
+               os.path.join(out_dir, f"teardown{rank}.pt"))
+
+
+def test_teardown_joins_the_process_group_threads(tmp_path):
+    """The gloo group's worker threads end in ``backend.teardown()``, while Python is
+    whole: one left to finish a collective during interpreter shutdown aborts the process
+    ("terminate called without an active exception")."""
+    import torch.multiprocessing as mp
+    mp.spawn(_teardown_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        t = torch.load(tmp_path / f"teardown{r}.pt")
+        assert t["total"] == 2.0
+        assert t["before"] == 0 and t["during"] > 0 and t["after"] == 0, t

@@ -26,9 +26,11 @@ exit $rc
 """
 
 SCONTROL = """#!/usr/bin/env bash
-# scontrol show hostnames NODELIST: the allocation's hosts, here the loopback twice.
+# scontrol show hostnames NODELIST: the allocation's hosts, here the loopback, listed as
+# many times as a large allocation has hosts (a reader that stops after the first line
+# must not fail the job).
 [[ "$1 $2" == "show hostnames" ]] || { echo "unexpected: scontrol $*" >&2; exit 1; }
-printf '127.0.0.1\\n127.0.0.1\\n'
+for _ in $(seq 2000); do echo 127.0.0.1; done
 """
 
 
