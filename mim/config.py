@@ -55,6 +55,7 @@ def base() -> ml_collections.ConfigDict:
     d.num_workers = 2
     d.prefetch = 2
     d.device_normalize = False    # uint8 channels-last batches; normalise + random erasing on the device
+    d.decode = "worker"           # worker (PIL) | device: JPEGs decoded, cropped, flipped on the device
     d.image_size = 224
     d.crop_scale = (0.08, 1.0)
     d.crop_ratio = (3 / 4, 4 / 3)
@@ -161,6 +162,15 @@ def validate(c, world_size: int = 1) -> None:
     _one_of(c, "data.re_mode", ("const", "rand", "pixel"))
     _check(isinstance(d.re_count, int) and d.re_count >= 1, "data.re_count",
            f"must be a positive integer, got {d.re_count!r}")
+    _one_of(c, "data.decode", ("worker", "device"))
+    if d.decode == "device":
+        _check(d.device_normalize, "data.decode", "'device' needs data.device_normalize=True (the "
+               "decoded uint8 batch is normalised on the device)")
+        for name, off in (("color_jitter", not d.color_jitter), ("auto_augment", not d.auto_augment),
+                          ("mixup", d.mixup <= 0), ("cutmix", d.cutmix <= 0)):
+            _check(off, "data.decode", f"'device' replays crops, flips and resizes only; data.{name} "
+                   f"needs the decoded image in the worker (set it off, or data.decode='worker')")
+        _check(d.interpolation != "random", "data.decode", "'device' needs one data.interpolation")
     if (d.mixup > 0 or d.cutmix > 0):
         _check((c.batch_size // world_size) % 2 == 0, "batch_size", "mixup/cutmix need an even batch per rank")
     m = c.model

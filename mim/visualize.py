@@ -114,12 +114,11 @@ def fixed_images(config, num: int, device="cpu") -> torch.Tensor:
     """``num`` eval-split images spread evenly over the split (so over its classes), with
     the eval transform, normalised on ``device`` as the loader's batches are: the same
     pictures at every step and in every run."""
-    from mim.data import folder, pipeline, transforms
-    ds = folder.ImageFolder(config.data.path, config.data.eval_split,
-                            transforms.eval_transform(config.data))
+    from mim.data import pipeline
+    ds = pipeline.eval_dataset(config)
     idx = [i * len(ds) // num for i in range(min(num, len(ds)))]
-    batch = transforms.Collate(uint8=config.data.device_normalize)([ds[(i, 0)] for i in idx])
-    return pipeline.to_device(batch, device, config.data)["image"]
+    batch = pipeline.collate(config)([ds[(i, 0)] for i in idx])
+    return pipeline.to_device(batch, device, config.data, train=False)["image"]
 
 
 class ReconstructionHook:

@@ -6,6 +6,7 @@ workers, ranks, or where a resumed run restarted.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -32,9 +33,10 @@ def split_dir(root: str, split: str) -> str:
     return path
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode and convert any mode (L, LA, P, CMYK, RGBA, I;16) to 8-bit RGB."""
-    with open(path, "rb") as f:
+def load_rgb(path) -> Image.Image:
+    """Decode and convert any mode (L, LA, P, CMYK, RGBA, I;16) to 8-bit RGB; ``path``
+    may also be an open binary file."""
+    with (open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f:
         img = Image.open(f)
         img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -50,10 +52,14 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Items are ``(index, seed)`` pairs from the samplers in :mod:`mim.data.sampler`."""
+    """Items are ``(index, seed)`` pairs from the samplers in :mod:`mim.data.sampler`.
+
+    ``read(path)`` opens a file (default: decode to RGB with PIL); ``transform`` maps what
+    it returns to the sample's image, or to a dict of entries that include ``image``."""
 
     def __init__(self, root: str, split: str, transform: Callable,
-                 extras: Optional[Callable[[torch.Generator], Dict[str, torch.Tensor]]] = None):
+                 extras: Optional[Callable[[torch.Generator], Dict[str, torch.Tensor]]] = None,
+                 read: Callable[[str], object] = load_rgb):
         self.root = split_dir(root, split)
         try:
             self.classes, self.class_to_idx = find_classes(self.root)
@@ -65,6 +71,7 @@ class ImageFolder(torch.utils.data.Dataset):
             raise DatasetError(f"no images with extensions {IMG_EXTENSIONS} under {self.root}")
         self.transform = transform
         self.extras = extras
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -80,14 +87,16 @@ class ImageFolder(torch.utils.data.Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                img = load_rgb(path)
+                img = self.read(path)
                 break
             except Exception as e:  # noqa: BLE001 - PIL raises many kinds
                 skipped += 1
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
         else:
             raise DatasetError(f"no readable image in {self.root}")
-        out = {"image": self.transform(img), "label": torch.tensor(label), "skipped": torch.tensor(skipped)}
+        out = self.transform(img)
+        out = dict(out) if isinstance(out, dict) else {"image": out}
+        out.update(label=torch.tensor(label), skipped=torch.tensor(skipped))
         if self.extras is not None:
             out.update(self.extras(torch.Generator().manual_seed(seed)))
         return out

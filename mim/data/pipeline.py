@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 
-from mim.data import folder, sampler, transforms
+from mim.data import device_decode, folder, sampler, transforms
 
 
 def _seed_extras(extras_fn, config, gen: torch.Generator, erase: bool = False) -> Dict[str, torch.Tensor]:
@@ -37,9 +37,32 @@ def _loader(dataset, batch_sampler, config, collate, device_type):
         prefetch_factor=config.data.prefetch if workers > 0 else None)
 
 
+def _dataset(config, split: str, transform, extras=None):
+    if config.data.decode == "device":
+        return folder.ImageFolder(config.data.path, split, device_decode.DeferredTransform(transform),
+                                  extras, read=device_decode.read)
+    return folder.ImageFolder(config.data.path, split, transform, extras)
+
+
+def train_dataset(config, task=None):
+    """The train split with the train transform; with ``data.decode='device'`` its samples
+    are JPEG bytes plus the drawn crop and flip (:mod:`mim.data.device_decode`)."""
+    return _dataset(config, config.data.train_split, transforms.train_transform(config.data),
+                    seed_extras(config, task))
+
+
+def eval_dataset(config, task=None):
+    return _dataset(config, config.data.eval_split, transforms.eval_transform(config.data),
+                    seed_extras(config, task, train=False))
+
+
+def collate(config, mix=None) -> transforms.Collate:
+    d = config.data
+    return transforms.Collate(mix, uint8=d.device_normalize, encoded=d.decode == "device")
+
+
 def train_loader(config, backend, task, start_step: int, total_steps: int):
-    ds = folder.ImageFolder(config.data.path, config.data.train_split,
-                            transforms.train_transform(config.data), seed_extras(config, task))
+    ds = train_dataset(config, task)
     num_classes = config.model.get("num_classes", 0)
     if num_classes and len(ds.classes) > num_classes:
         raise folder.DatasetError(
@@ -47,17 +70,14 @@ def train_loader(config, backend, task, start_step: int, total_steps: int):
     mix = transforms.mixup(config.data, num_classes) if num_classes else None
     bs = sampler.TrainBatchSampler(len(ds), config.batch_size, backend.rank, backend.world_size,
                                    config.seed, start_step, total_steps)
-    collate = transforms.Collate(mix, uint8=config.data.device_normalize)
-    return _loader(ds, bs, config, collate, backend.device_type), ds, bs
+    return _loader(ds, bs, config, collate(config, mix), backend.device_type), ds, bs
 
 
 def eval_loader(config, backend, task=None):
-    ds = folder.ImageFolder(config.data.path, config.data.eval_split,
-                            transforms.eval_transform(config.data), seed_extras(config, task, train=False))
+    ds = eval_dataset(config, task)
     local = max(config.eval_batch_size // backend.world_size, 1)
     bs = sampler.EvalBatchSampler(len(ds), local, backend.rank, backend.world_size, config.seed)
-    collate = transforms.Collate(None, uint8=config.data.device_normalize)
-    return _loader(ds, bs, config, collate, backend.device_type), ds
+    return _loader(ds, bs, config, collate(config), backend.device_type), ds
 
 
 def num_train_images(config) -> int:
@@ -69,12 +89,27 @@ def num_train_images(config) -> int:
 _device_normalize = functools.lru_cache(maxsize=8)(transforms.DeviceNormalize)
 
 
-def to_device(batch: Dict[str, torch.Tensor], device, data_config) -> Dict[str, torch.Tensor]:
-    """A loader batch on ``device`` (non-blocking copies). With ``data.device_normalize``
-    its uint8 images become normalised floats there and, when it carries ``erase_seed``
-    (training with ``data.re_prob > 0``), are randomly erased per image."""
+def to_device(batch: Dict[str, torch.Tensor], device, data_config, train: bool = True) -> Dict[str, torch.Tensor]:
+    """A loader batch on ``device`` (non-blocking copies). With ``data.decode='device'``
+    its JPEGs are decoded there and cropped and flipped as drawn in the workers (``train``:
+    the batch is from the train transform, else from the eval one). With
+    ``data.device_normalize`` its uint8 images become normalised floats there and, when
+    it carries ``erase_seed`` (training with ``data.re_prob > 0``), are randomly erased per image."""
     d = data_config
     seeds = batch.get("erase_seed")
+    batch = dict(batch)
+    if d.decode == "device":
+        if "geometry" not in batch:
+            raise ValueError("data.decode='device' but the batch has no geometry (made by a "
+                             "loader with data.decode='worker'?)")
+        # timm's transform, rebuilt (tens of microseconds) so that it always follows the config
+        t = transforms.train_transform(d) if train else transforms.eval_transform(d)
+        decoder = device_decode.DeviceDecoder(t, device)
+        batch["image"], failed = decoder(batch["image"], batch.pop("geometry"))
+        if failed:
+            batch["skipped"] = batch["skipped"] + failed
+    elif "geometry" in batch:
+        raise ValueError("the batch carries JPEG geometry but data.decode is 'worker'")
     out = {}
     for k, v in batch.items():
         if k == "erase_seed":

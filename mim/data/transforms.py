@@ -55,15 +55,29 @@ class Collate:
     transforms, each a view of PIL's ``(H, W, C)`` buffer. They become one uint8
     ``(N, C, H, W)`` batch in channels-last memory format: stacking the ``(H, W, C)``
     buffers copies them without transposing. Mixing is ``FastCollateMixup``'s, which draws
-    the same ``lam`` and box as ``Mixup`` from the same seed and rounds mixed pixels to uint8."""
+    the same ``lam`` and box as ``Mixup`` from the same seed and rounds mixed pixels to uint8.
 
-    def __init__(self, mix=None, uint8: bool = False):
+    ``encoded``: the images are JPEG bytes of any length (``data.decode='device'``) or
+    finished uint8 images; they stay a list, decoded on the device by
+    :func:`mim.data.pipeline.to_device`."""
+
+    def __init__(self, mix=None, uint8: bool = False, encoded: bool = False):
         if mix is not None and isinstance(mix, FastCollateMixup) != uint8:
             raise ValueError(f"{type(mix).__name__} does not mix {'uint8' if uint8 else 'float'} "
                              f"images (see transforms.mixup)")
-        self.mix, self.uint8 = mix, uint8
+        if encoded and (mix is not None or not uint8):
+            raise ValueError("data.decode='device' needs data.device_normalize=True and no mixup/cutmix")
+        self.mix, self.uint8, self.encoded = mix, uint8, encoded
 
     def __call__(self, samples):
+        if self.encoded:
+            samples = [dict(s) for s in samples]
+            images = [s.pop("image") for s in samples]
+            batch = torch.utils.data.default_collate(samples)
+            batch["skipped"] = batch["skipped"].sum()
+            batch.pop("mix_seed", None)
+            batch["image"] = images
+            return batch
         if self.uint8:
             samples = [dict(s) for s in samples]
             images = [s.pop("image") for s in samples]

@@ -35,12 +35,6 @@ def fingerprint(config) -> dict:
     return {"task": config.task, "model": json.loads(config.model.to_json())}
 
 
-def to_device(batch: Dict[str, torch.Tensor], device, data_config) -> Dict[str, torch.Tensor]:
-    """A loader batch on the device; uint8 images normalised there with
-    ``data.device_normalize`` (:func:`mim.data.pipeline.to_device`)."""
-    return pipeline.to_device(batch, device, data_config)
-
-
 def reduce_mean(values: Dict[str, torch.Tensor], be) -> Dict[str, float]:
     names = sorted(values)
     if not names:
@@ -143,7 +137,7 @@ def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]
     sums: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in loader:
-            batch = to_device(batch, be.device, c.data)
+            batch = pipeline.to_device(batch, be.device, c.data, train=False)
             with be.autocast():
                 out = task.evaluate(params, model_state, batch, c)
             for k, v in out.items():
@@ -256,7 +250,7 @@ def train(config, workdir: str) -> Dict[str, float]:
     local_batch = c.batch_size // be.world_size
     for step_i, batch in enumerate(loader, start):
         data_time += time.perf_counter() - t_data
-        batch = to_device(batch, be.device, c.data)
+        batch = pipeline.to_device(batch, be.device, c.data)
         skipped = batch.pop("skipped")
         torch.manual_seed(backend_lib.seed_step(c.seed, step_i, be.rank))
         state, m = fns.train_step(state, batch)
