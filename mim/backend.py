@@ -126,8 +126,10 @@ class Backend:
         return self.precision in ("amp_fp16", "fp16")
 
     def autocast(self):
+        # No cast cache: a CUDA graph must not capture casts cached by an earlier step, and
+        # a functional step casts each parameter once per forward anyway.
         if self.precision in ("amp_bf16", "amp_fp16"):
-            return torch.autocast(self.device_type, dtype=self.compute_dtype)
+            return torch.autocast(self.device_type, dtype=self.compute_dtype, cache_enabled=False)
         return contextlib.nullcontext()
 
     def synchronize(self):

@@ -311,7 +311,7 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
                 data: str = "synthetic", compile_backend: str = "inductor",
                 peak_tflops: float = 0.0) -> dict:
     """Measure mim's step and its peers; returns the figures (see :func:`format_report`)."""
-    from mim.train import loop
+    from mim.train import graphs, loop
     if data not in ("synthetic", "real"):
         raise ValueError(f"--data={data!r}: must be synthetic or real")
     config = config.copy_and_resolve_references()
@@ -326,9 +326,12 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
     if be.distributed:
         raise RuntimeError("mim.bench measures one device; run it without torchrun")
     batch_size = c.batch_size
-    total = warmup + steps
+    # with config.cuda_graphs the graph is recorded after its own warm-up: not in the timing
+    mim_warmup = max(warmup, graphs.WARMUP + 1) if c.cuda_graphs else warmup
+    total = mim_warmup + steps
     out = {"config": {"task": c.task, "model": c.model.get("name", c.task), "precision": c.precision,
                       "batch_size": batch_size, "compile": be.compile, "optimizer": c.optim.name,
+                      "cuda_graphs": c.cuda_graphs,
                       "data": data},
            "device": device_name(be), "steps": steps, "warmup": warmup, "results": {}}
     peak = peak_flops(be, c.precision, peak_tflops)
@@ -354,7 +357,7 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
         run.state, m = run.train_step(run.state, next_batch())
         return m["loss"]
 
-    out["results"]["mim"] = time_steps(mim_step, be, warmup, steps)
+    out["results"]["mim"] = time_steps(mim_step, be, mim_warmup, steps)
     out["results"]["mim"]["flops_per_image"] = out["flops_per_image"]
     del run, next_batch
     _free(be)
@@ -398,6 +401,7 @@ def format_report(out: dict) -> str:
     lines = [f"device: {out['device']}",
              f"config: task={cfg['task']} model={cfg['model']} precision={cfg['precision']} "
              f"batch={cfg['batch_size']} optimizer={cfg['optimizer']} mim compile={cfg['compile']} "
+             + ("cuda_graphs=True " if cfg.get("cuda_graphs") else "") +
              f"data={cfg['data']}; {out['warmup']} warm-up + {out['steps']} timed steps",
              f"model FLOPs per image (forward + backward): {out['flops_per_image'] / 1e9:.4g} GFLOP"
              + (f" (peer counts {out['peer']['flops_per_image'] / 1e9:.4g})" if "peer" in out else ""),

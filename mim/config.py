@@ -28,6 +28,7 @@ def base() -> ml_collections.ConfigDict:
     c.device = "auto"             # auto | cpu | cuda | npu
     c.precision = "fp32"          # fp32 | amp_bf16 | amp_fp16 | bf16 | fp16 (see mim.backend)
     c.compile = "auto"            # auto (CUDA only) | on | off
+    c.cuda_graphs = False         # record the train step as a CUDA graph, replay it (mim.train.graphs)
     c.batch_size = 256            # global batch, over all ranks and accumulation steps
     c.grad_accum = 1
     c.eval_batch_size = 256       # global
@@ -126,6 +127,11 @@ def validate(c, world_size: int = 1) -> None:
     _one_of(c, "optim.schedule", optim.SCHEDULES)
     _one_of(c, "init.format", ("mim",) + tuple(INIT_FORMATS))
     _one_of(c, "sharding", ("none", "fsdp"))
+    if c.cuda_graphs:
+        _check(c.device in ("auto", "cuda"), "cuda_graphs", f"needs a CUDA device, not device={c.device}")
+        _check(c.precision not in ("fp16", "amp_fp16"), "cuda_graphs",
+               f"precision={c.precision} skips overflowing steps on the host; use bf16 or amp_bf16")
+        _check(c.sharding == "none", "cuda_graphs", "sharding=fsdp gathers DTensors eagerly; use none")
     for f in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints",
               "max_nonfinite_steps"):
         _check(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")

@@ -50,7 +50,8 @@ def sync_batch_stats(mean: torch.Tensor, var: torch.Tensor, count) -> Tuple[torc
     variance and number of samples. The variance combines as Chan et al. (1979):
     ``sum_r n_r (var_r + (mean_r - mean)^2) / n`` (two small all-reduces, no
     ``E[x^2] - E[x]^2`` cancellation). Differentiable; identity on a single rank."""
-    count = torch.as_tensor(count, dtype=mean.dtype, device=mean.device).reshape(1)
+    # a fill, not a copy from the host: no synchronisation, and a CUDA graph can record it
+    count = torch.full((1,), float(count), dtype=mean.dtype, device=mean.device)
     if not _distributed():
         return mean, var, count[0]
     first = all_reduce_sum(torch.cat([mean * count, count]))
@@ -87,7 +88,7 @@ def batch_norm(p: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], x: to
         if sync:
             mean, var, n = sync_batch_stats(mean, var, count)
         else:
-            n = torch.tensor(float(count), device=x.device)
+            n = torch.full((), float(count), device=x.device)
         with torch.no_grad():
             unbiased = var.detach() * n / (n - 1).clamp(min=1)
             state = {"running_mean": torch.lerp(state["running_mean"], mean.detach().to(state["running_mean"].dtype), momentum),

@@ -116,7 +116,7 @@ class Setup:
         fns = step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups,
                              schedule_for(c, total_steps, steps_per_epoch), be,
                              grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
-                             sharding=shard)
+                             sharding=shard, cuda_graphs=c.cuda_graphs)
         return Built(state, fns, groups, trainable, opt, shard)
 
     def load_init(self, params):

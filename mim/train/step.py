@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from mim import optim, tree
 from mim.backend import Backend
+from mim.train import graphs
 
 # Dynamic loss scaling as torch.amp.GradScaler: start at 2**16, halve on overflow,
 # double after 2000 clean steps.
@@ -115,13 +116,16 @@ def all_reduce_mean_(tensors: List[torch.Tensor], world: int, bucket_bytes: int 
 
 def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
           backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None,
-          sharding=None) -> StepFns:
+          sharding=None, cuda_graphs: bool = False) -> StepFns:
     """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``.
 
     On several ranks the gradients are averaged between ``grad_step`` and
     ``update_step``. With a :class:`mim.train.sharding.FSDP` the parameters are
     gathered inside the forward and the gradients reduce-scattered by autograd during
-    the backward; each rank updates its shards (see that module)."""
+    the backward; each rank updates its shards (see that module). ``cuda_graphs``: the
+    whole train step is recorded as a CUDA graph and replayed (:mod:`mim.train.graphs`)."""
+    if cuda_graphs:
+        _check_graphable(backend, sharding)
     trainable = [n for g in groups for n in g.names]
     trainable_set = set(trainable)
 
@@ -231,7 +235,8 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
 
     needs_host = backend.distributed or backend.loss_scaling
     if not needs_host:
-        return StepFns(compiled_train, compiled_grad, compiled_update, eager_grad_step)
+        train = graphs.GraphedStep(compiled_train) if cuda_graphs else compiled_train
+        return StepFns(train, compiled_grad, compiled_update, eager_grad_step)
 
     def host_step(state, batch):
         grads, metrics = compiled_grad(state, batch)
@@ -257,4 +262,15 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
             metrics["loss_scale"] = state["loss_scale"]["scale"].clone()
         return state, metrics
 
-    return StepFns(host_step, compiled_grad, compiled_update, eager_grad_step)
+    train = graphs.GraphedStep(host_step) if cuda_graphs else host_step
+    return StepFns(train, compiled_grad, compiled_update, eager_grad_step)
+
+
+def _check_graphable(backend: Backend, sharding) -> None:
+    if backend.device_type != "cuda":
+        raise ValueError(f"config.cuda_graphs needs a CUDA device; this run is on {backend.device_type}")
+    if backend.loss_scaling:
+        raise ValueError(f"config.cuda_graphs: precision={backend.precision} skips overflowing steps, "
+                         f"a decision taken on the host; use bf16 or amp_bf16")
+    if sharding is not None:
+        raise ValueError("config.cuda_graphs: sharding=fsdp gathers DTensors eagerly; use sharding=none")
