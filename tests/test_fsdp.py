@@ -166,8 +166,10 @@ def test_fsdp_mae_draws_reconstructions_from_gathered_parameters(tmp_path, data)
 
 
 def _reshard_worker(rank, world, port, out_dir):
-    """Whole parameters alive after the forward, and gradients, with and without
-    resharding after the forward (O2 bf16: the gathered tensors are the ones used)."""
+    """Whole parameters alive during and after the forward, and gradients: without
+    resharding, resharding after a forward that gathers everything first, and the eager
+    forward that gathers each parameter when it reads it (O2 bf16: the gathered tensors
+    are the ones used)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -180,28 +182,42 @@ def _reshard_worker(rank, world, port, out_dir):
     from mim.train import sharding as sharding_lib
 
     be = backend.setup("cpu", "bf16", "off")
-    cfg = vit.config(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+    cfg = vit.config(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=4)
     flat = tree.flatten(vit.init(torch.Generator().manual_seed(0), cfg))
     fsdp = sharding_lib.create("fsdp", list(flat), be)
+    refs, peak = [], [0]
+    gather = fsdp.gather
+
+    def counting_gather(p, dtype=None):
+        out = gather(p, dtype)
+        if torch.is_grad_enabled():            # the forward's gathers, not the backward's
+            refs.append(weakref.ref(out))
+            peak[0] = max(peak[0], sum(r() is not None for r in refs))
+        return out
+
+    fsdp.gather = counting_gather
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(4, 3, 16, 16, generator=g).bfloat16(), torch.randint(0, 4, (4,), generator=g)
     out = {}
-    for reshard in (False, True):
+    for mode in ("keep", "reshard", "lazy"):
+        refs.clear()
+        peak[0] = 0
         leaves = {n: fsdp.shard(t.float()).requires_grad_() for n, t in flat.items()}
-        if reshard:
+        if mode == "reshard":
             with fsdp.gathered(leaves, torch.bfloat16) as full:
-                refs = [weakref.ref(t) for t in full.values()]
                 loss = F.cross_entropy(vit.apply(tree.unflatten(full), x, cfg, train=True)[0].float(), y)
                 del full
+        elif mode == "lazy":
+            with fsdp.gathered(leaves, torch.bfloat16, frozen={}) as params:
+                loss = F.cross_entropy(vit.apply(params, x, cfg, train=True)[0].float(), y)
         else:
             full = {n: fsdp.gather(p, torch.bfloat16) for n, p in leaves.items()}
-            refs = [weakref.ref(t) for t in full.values()]
             loss = F.cross_entropy(vit.apply(tree.unflatten(full), x, cfg, train=True)[0].float(), y)
             del full
         gc.collect()
         alive = sum(r() is not None for r in refs)
         grads = torch.autograd.grad(loss, list(leaves.values()))
-        out[reshard] = (alive, len(refs), [fsdp.full(t).float() for t in grads])
+        out[mode] = (alive, peak[0], len(refs), [fsdp.full(t).float() for t in grads])
     torch.save(out, os.path.join(out_dir, f"reshard{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -211,8 +227,12 @@ def test_fsdp_frees_gathered_parameters_between_forward_and_backward(tmp_path):
     mp.spawn(_reshard_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for r in range(WORLD):
         out = torch.load(tmp_path / f"reshard{r}.pt")
-        (kept, n, g_kept), (freed, _, g_freed) = out[False], out[True]
-        assert kept >= 8, kept  # autograd keeps the weights of the linear layers, norms, ...
-        assert freed == 0, (freed, n)
-        for a, b in zip(g_kept, g_freed):
-            assert torch.equal(a, b)
+        (kept, _, n, g_kept), (freed, peak_all, _, g_freed) = out["keep"], out["reshard"]
+        lazy_after, lazy_peak, lazy_n, g_lazy = out["lazy"]
+        assert n == 4 * 12 + 8, n     # 12 tensors a block; patch embed, tokens, norm, head: 8
+        assert kept >= 8, kept        # autograd keeps the weights of the linear layers, norms, ...
+        assert freed == 0 and peak_all == n, (freed, peak_all)
+        # gathered when read: a layer's weight and bias at a time (3 measured), not all 56
+        assert lazy_after == 0 and lazy_n == n and lazy_peak <= 4, (lazy_after, lazy_peak)
+        for a, b, c in zip(g_kept, g_freed, g_lazy):
+            assert torch.equal(a, b) and torch.equal(a, c)

@@ -24,9 +24,10 @@ The step, as in Zhang et al. 2024 ("SimpleFSDP"):
 - **reshard after forward** (FSDP's default): autograd does not keep the gathered
   parameters for the backward; it keeps a reference to the shard and the backward
   gathers each parameter again when it needs it (:meth:`FSDP.gathered`). So whole
-  parameters exist only while the forward runs and, one at a time, in the backward.
-  The forward itself still gathers all parameters at its start rather than block by
-  block.
+  parameters exist only while they are used: in the eager forward each is gathered
+  when the model reads it (block by block), in the backward when its gradient needs it.
+  A compiled forward takes all parameters gathered at its start (it must see plain
+  tensors).
 
 Gradients come from ``torch.autograd.grad`` here rather than ``torch.func.grad``:
 functorch's transforms do not see through tensor subclasses such as DTensor.
@@ -41,6 +42,7 @@ import contextlib
 import dataclasses
 import logging
 import weakref
+from collections.abc import Mapping
 from typing import Dict, List, Optional
 
 import torch
@@ -89,42 +91,66 @@ class FSDP:
         return full.to_local(grad_placements=[Partial()])
 
     @contextlib.contextmanager
-    def gathered(self, shards: Dict[str, DTensor], dtype: Optional[torch.dtype] = None):
+    def gathered(self, shards: Dict[str, DTensor], dtype: Optional[torch.dtype] = None,
+                 frozen: Optional[Dict[str, torch.Tensor]] = None):
         """The whole parameters for one forward pass, as :meth:`gather` gives them, with
         FSDP's resharding after the forward: while the context is open, autograd saves a
         reference to the shard in place of any tensor that shares a gathered parameter's
         memory (the parameter itself, a transposed view), and the backward all-gathers it
-        again when it needs it. Once the forward has dropped them, the whole parameters
-        are freed until the backward, which holds each one only while it is used. (A
-        copy the forward makes, such as an autocast cast, is saved as it is.)
+        again when it needs it. (A copy the forward makes, such as an autocast cast, is
+        saved as it is.)
 
-        Every rank runs the same graph, so the backward's all-gathers come in the same
-        order on every rank."""
-        owners: Dict[int, str] = {}
+        Without ``frozen`` it yields ``{name: whole parameter}``, all gathered at once (for
+        a compiled forward, which must see plain tensors). With ``frozen`` (the other
+        parameters, by flat name) it yields the parameter *tree* as a read-only mapping
+        that gathers each sharded parameter when the forward reads it: a block's weights
+        are gathered when the block runs and freed when it is done, so the forward's peak
+        holds one block's parameters, not the model's.
+
+        Every rank runs the same graph, so the all-gathers come in the same order on
+        every rank."""
+        # storage address -> (name, weak reference to the gathered tensor): a freed
+        # tensor's address can be reused by an activation, which must not be taken for it
+        owners: Dict[int, tuple] = {}
         live: "weakref.WeakValueDictionary[str, torch.Tensor]" = weakref.WeakValueDictionary()
+
+        def fetch(name: str, grad: bool = True) -> torch.Tensor:
+            full = live.get(name)
+            if full is None:
+                if grad:
+                    full = self.gather(shards[name], dtype)
+                else:
+                    with torch.no_grad():
+                        full = self.gather(shards[name], dtype)
+                live[name] = full
+                if full.numel():
+                    owners[full.untyped_storage().data_ptr()] = (name, weakref.ref(full))
+            return full
 
         def pack(t):
             if isinstance(t, DTensor) or t.numel() == 0:
                 return t
-            n = owners.get(t.untyped_storage().data_ptr())
-            return t if n is None else _Regather(n, t.storage_offset(), t.size(), t.stride())
+            ptr = t.untyped_storage().data_ptr()
+            owner = owners.get(ptr)
+            if owner is None:
+                return t
+            name, ref = owner
+            full = ref()
+            if full is None or full.untyped_storage().data_ptr() != ptr:
+                return t
+            return _Regather(name, t.storage_offset(), t.size(), t.stride())
 
         def unpack(v):
             if not isinstance(v, _Regather):
                 return v
-            full = live.get(v.name)
-            if full is None:
-                with torch.no_grad():
-                    full = self.gather(shards[v.name], dtype)
-                live[v.name] = full
-            return full.as_strided(v.size, v.stride, v.offset)
+            return fetch(v.name, grad=False).as_strided(v.size, v.stride, v.offset)
 
-        full = {n: self.gather(p, dtype) for n, p in shards.items()}
-        for n, t in full.items():
-            if t.numel():
-                owners[t.untyped_storage().data_ptr()] = n
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield full
+            if frozen is None:
+                yield {n: fetch(n) for n in shards}
+            else:
+                pending = {n: _Pending(n) for n in shards}
+                yield _LazyTree(tree.unflatten({**frozen, **pending}), fetch)
 
     @staticmethod
     def full(t):
@@ -204,6 +230,33 @@ class FSDP:
             else:
                 t.copy_(src)
         return state
+
+
+class _Pending:
+    """A sharded parameter's place in a :class:`_LazyTree`."""
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _LazyTree(Mapping):
+    """A read-only parameter tree whose sharded leaves are all-gathered on reading."""
+
+    def __init__(self, node: dict, fetch):
+        self._node, self._fetch = node, fetch
+
+    def __getitem__(self, key):
+        v = self._node[key]
+        if isinstance(v, dict):
+            return _LazyTree(v, self._fetch)
+        return self._fetch(v.name) if isinstance(v, _Pending) else v
+
+    def __iter__(self):
+        return iter(self._node)
+
+    def __len__(self):
+        return len(self._node)
 
 
 @dataclasses.dataclass(frozen=True)

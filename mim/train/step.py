@@ -130,7 +130,9 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
     trainable_set = set(trainable)
 
     def scaled_loss(train_params, frozen, model_state, batch, scale):
-        params = tree.unflatten({**frozen, **train_params})
+        return tree_loss(tree.unflatten({**frozen, **train_params}), model_state, batch, scale)
+
+    def tree_loss(params, model_state, batch, scale):
         with backend.autocast():
             loss, (model_state, metrics) = loss_fn(params, model_state, batch, True)
         loss = loss.float()
@@ -176,16 +178,22 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
 
         eager_grad_step = grad_step
     else:
-        def fsdp_grad_step(forward):
+        def fsdp_grad_step(compiled_forward=None):
+            """Eagerly, each parameter is gathered when the model reads it; a compiled
+            forward gets them all gathered outside it, as plain tensors."""
             def grad_step(state, batch):
                 batch, shards, frozen, scale = split_state(state, batch)
                 leaves = {n: p.detach().requires_grad_() for n, p in shards.items()}
 
                 def grad_of(micro, model_state):
-                    # Gathered outside ``forward``, so a compiled forward sees plain tensors.
-                    with sharding.gathered(leaves, backend.param_dtype) as full:
-                        obj, (loss, model_state, metrics) = forward(full, frozen, model_state, micro, scale)
-                        del full
+                    if compiled_forward is None:
+                        with sharding.gathered(leaves, backend.param_dtype, frozen=frozen) as params:
+                            obj, (loss, model_state, metrics) = tree_loss(params, model_state, micro, scale)
+                    else:
+                        with sharding.gathered(leaves, backend.param_dtype) as full:
+                            obj, (loss, model_state, metrics) = compiled_forward(
+                                full, frozen, model_state, micro, scale)
+                            del full
                     g = torch.autograd.grad(obj, [leaves[n] for n in trainable])
                     return dict(zip(trainable, g)), loss, tree.map(torch.Tensor.detach, model_state), metrics
 
@@ -196,8 +204,7 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
                 return dict(zip(trainable, shards)), {k: v.detach() for k, v in metrics.items()}
             return grad_step
 
-        grad_step = fsdp_grad_step(scaled_loss)
-        eager_grad_step = grad_step
+        grad_step = eager_grad_step = fsdp_grad_step()
         if backend.compile:  # the forward compiles; autograd runs its compiled backward
             grad_step = fsdp_grad_step(torch.compile(scaled_loss))
 
