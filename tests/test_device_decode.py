@@ -170,6 +170,13 @@ def test_batches_of_the_other_mode_are_refused(bundled):
         pipeline.to_device(raw, "cpu", c.data, train=False)   # eval ops, train draws
 
 
+def test_devices_without_a_jpeg_decoder_are_named():
+    from timm.data import create_transform
+    # (torch names "npu" only once torch_npu is imported; any other accelerator is refused alike)
+    with pytest.raises(ValueError, match="not on mps; set data.decode='worker'"):
+        device_decode.DeviceDecoder(create_transform(32, use_prefetcher=True), torch.device("mps"))
+
+
 def test_any_number_of_workers_gives_the_same_batches(bundled):
     c = _config(bundled, size=32, decode="device")
     one = pipeline.to_device(next(iter(pipeline.train_loader(c, CPU, None, 4, 5)[0])), "cpu", c.data)

@@ -130,6 +130,9 @@ class DeviceDecoder:
         self.ops = _ops(compose)
         self.width = sum(_num_params(op) for op in self.ops)
         self.device = torch.device(device)
+        if self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"data.decode='device': torchvision decodes JPEGs on CUDA (nvJPEG) or "
+                             f"the CPU, not on {self.device.type}; set data.decode='worker'")
 
     def __call__(self, images: Sequence[torch.Tensor], geometry: torch.Tensor):
         if geometry.dim() != 2 or geometry.shape != (len(images), self.width):
