@@ -3,6 +3,7 @@
     python -m mim.bench --config=experiments/mae_base.py:perf [--config.batch_size=256] \
         [--steps=20 --warmup=5] [--peer=eager,compiled|none] [--data=synthetic|real]
     python -m mim.bench --config=experiments/vit_b32.py --mode=data [--data_dir=/data/imagenet]
+    python -m mim.bench --rows=a.json,b.json      # BENCHMARKS.md rows from --json files
 
 ``--mode=train`` (default) builds the experiment's real train state and train step (the
 functions :func:`mim.train.loop.train` uses), runs ``--warmup`` untimed and ``--steps``
@@ -29,6 +30,8 @@ import logging
 import os
 import platform
 import resource
+import shlex
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -501,12 +504,45 @@ def _to_device_kind(r: dict) -> str:
 # Command line.
 
 
+def table_row(r: dict) -> str:
+    """A ``BENCHMARKS.md`` row (figure | value | command | machine | date) from the JSON
+    that ``--json`` wrote."""
+    if "loader_images_per_s" in r:
+        figure = (f"input pipeline, {r['path']}, {r['image_size']} px, decode={r.get('decode', 'worker')}, "
+                  f"device_normalize={r['device_normalize']}")
+        value = (f"1 worker in process: {r['one_worker_images_per_s']:.0f} img/s; loader with "
+                 f"{r['num_workers']} workers + `to_device`: {r['loader_images_per_s']:.0f} img/s; "
+                 f"`to_device`: {r['to_device_ms_per_batch']:.2f} ms per batch of {r['batch_size']}")
+        machine = f"{r['device']}, {r['cpu_count']} CPU cores"
+    else:
+        cfg = r["config"]
+        figure = (f"{cfg['task']} {cfg['model']}, {cfg['precision']}, batch {cfg['batch_size']}"
+                  + (", cuda_graphs" if cfg.get("cuda_graphs") else "") + ", mim vs peer")
+        parts = []
+        for name, e in r["results"].items():
+            mfu = f", MFU {100 * e['mfu']:.1f}%" if e.get("mfu") is not None else ""
+            ratio = r.get(f"speedup_vs_{name}")
+            parts.append(f"{name} {e['images_per_s']:.1f} img/s{mfu}, {e['peak_bytes'] / 2**30:.1f} GiB"
+                         + (f" (mim x{ratio:.2f})" if ratio else ""))
+        value = "; ".join(parts)
+        machine = r["device"]
+    cmd = r.get("command", "(not recorded)")
+    return f"| {figure} | {value} | `{cmd}` | {machine} | {r.get('date', '')} |"
+
+
 def main(argv):
     from absl import app
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if _ROWS.value:
+        for path in _ROWS.value:
+            with open(path) as f:
+                print(table_row(json.load(f)))
+        return
     config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=experiments/X.py[:variant] is required (or --rows=a.json,...)")
     if _THREADS.value:
         torch.set_num_threads(_THREADS.value)
     if _MODE.value == "data":
@@ -519,6 +555,8 @@ def main(argv):
                              peak_tflops=_PEAK.value)
         text = format_report(result)
     print(text, flush=True)
+    result["command"] = shlex.join(["python", "-m", "mim.bench"] + sys.argv[1:])
+    result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(result, f, indent=1, default=str)
@@ -540,5 +578,5 @@ if __name__ == "__main__":
     _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "dense peak TFLOP/s of the device (overrides the table)")
     _THREADS = flags.DEFINE_integer("threads", 0, "CPU: torch.set_num_threads (0: torch's default)")
     _JSON = flags.DEFINE_string("json", "", "also write the figures to this JSON file")
-    flags.mark_flags_as_required(["config"])
+    _ROWS = flags.DEFINE_list("rows", [], "print BENCHMARKS.md rows from these --json files, run nothing")
     app.run(main)

@@ -88,3 +88,73 @@ def test_train_step_is_one_graph(name, one_thread):
         run.state, metrics = step(run.state, batch)
     assert counter.frame_count == 1
     assert int(run.state["step"]) == 3 and torch.isfinite(metrics["loss"])
+
+
+def test_command_line_writes_json_and_benchmarks_rows(tmp_path):
+    """The documented command prints mim and peer figures from one run; ``--json`` keeps
+    them with the command that made them, and ``--rows`` turns them into BENCHMARKS.md rows."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "vit.json"
+    cmd = [sys.executable, "-m", "mim.bench", "--config=experiments/vit_b32.py:tiny",
+           "--config.batch_size=8", "--config.data.num_workers=0", "--steps=1", "--warmup=1",
+           "--peer=eager", "--threads=1", f"--json={out}"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "mim / peer_eager: speed x" in run.stdout
+    r = json.loads(out.read_text())
+    assert r["command"].startswith("python -m mim.bench --config=experiments/vit_b32.py:tiny")
+    rows = subprocess.run([sys.executable, "-m", "mim.bench", f"--rows={out},{out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert rows.returncode == 0, rows.stderr[-2000:]
+    lines = rows.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1]
+    cells = [x.strip() for x in lines[0].strip("|").split("|")]
+    assert len(cells) == 5 and cells[2] == f"`{r['command']}`"
+    assert "mim " in cells[1] and "peer_eager " in cells[1] and "(mim x" in cells[1]
+    assert cells[3] == r["device"] and cells[4] == r["date"]
+
+
+def test_benchmarks_script_runs_every_row_and_prints_the_table(tmp_path):
+    """launchers/benchmarks.sh with a stand-in for python that logs each mim.bench command
+    and writes a result JSON; the real ``--rows`` makes the table."""
+    import json
+    import subprocess
+    import sys
+    result = {"config": {"task": "classify", "model": "vit", "precision": "bf16", "batch_size": 256},
+              "results": {"mim": {"images_per_s": 100.0, "mfu": 0.4, "peak_bytes": 2 ** 30}},
+              "device": "NVIDIA H200", "command": "python -m mim.bench x", "date": "2026-11-26"}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/usr/bin/env bash
+for a in "$@"; do
+  case $a in
+    --rows=*) exec {sys.executable} "$@" ;;
+    --json=*) cp {tmp_path}/result.json "${{a#--json=}}" ;;
+  esac
+done
+echo "$*" >> {tmp_path}/calls
+""")
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), OUT=str(tmp_path / "out"), DATA_DIR="/data/imagenet")
+    run = subprocess.run(["bash", "launchers/benchmarks.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 10 and all(c.startswith("-m mim.bench --config=experiments/") for c in calls)
+    assert sum("--mode=data --data_dir=/data/imagenet" in c for c in calls) == 3
+    assert any("--config.data.decode=device" in c for c in calls)
+    assert any("--config.cuda_graphs=True" in c for c in calls)
+    for c in calls:
+        path = c.split("--config=")[1].split()[0].split(":")[0]
+        assert os.path.isfile(os.path.join(ROOT, path)), path
+    rows = run.stdout.strip().splitlines()
+    assert len(rows) == 10 and all(r.startswith("| classify vit, bf16, batch 256") for r in rows)
+    assert "mim 100.0 img/s, MFU 40.0%, 1.0 GiB" in rows[0]
+    env["ONLY"] = "mae_base"
+    env["OUT"] = str(tmp_path / "only")
+    (tmp_path / "calls").unlink()
+    run = subprocess.run(["bash", "launchers/benchmarks.sh"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and len((tmp_path / "calls").read_text().splitlines()) == 1
