@@ -162,6 +162,11 @@ def setup(device: str = "auto", precision: str = "fp32", compile: str = "auto") 
         dev = torch.device(device_type, local_rank)
         getattr(torch, device_type).set_device(dev)
     if world > 1 and not dist.is_initialized():
+        # torch.distributed.nn.functional binds the default group into its functions'
+        # default arguments when first imported, and DTensor (config.sharding=fsdp) imports
+        # it lazily: the group would outlive teardown() there. Imported before the group
+        # exists, it binds None, which means the default group at call time.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(COLLECTIVES[device_type], timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if device_type != "cpu" else None)
     if precision in ("amp_bf16", "bf16") and device_type == "cpu":

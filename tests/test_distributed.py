@@ -328,9 +328,9 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, d
     assert steps == [f"step_{int(stops[0]):08d}"], (steps, stops)
 
 
-def _teardown_worker(rank, world, port, out_dir):
+def _teardown_worker(rank, world, port, out_dir, sharded):
     """gloo's worker threads of the process (by name) before the group, with it, and after
-    ``backend.teardown()``."""
+    ``backend.teardown()``; ``sharded``: after an FSDP gather (DTensor, a DeviceMesh)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -344,6 +344,13 @@ def _teardown_worker(rank, world, port, out_dir):
     backend.setup("cpu", "fp32", "off")
     total = torch.ones(())
     torch.distributed.all_reduce(total)
+    if sharded:
+        from mim.train import sharding
+        be = backend.Backend("cpu", torch.device("cpu"), "fp32", False, rank, world)
+        fsdp = sharding.create("fsdp", ["w"], be)
+        w = fsdp.gather(fsdp.shard(torch.arange(6.0).view(2, 3)))
+        assert torch.equal(w, torch.arange(6.0).view(2, 3))
+        del fsdp, w
     during = gloo_threads()
     backend.teardown()
     after = gloo_threads()
@@ -351,12 +358,15 @@ def _teardown_worker(rank, world, port, out_dir):
                os.path.join(out_dir, f"teardown{rank}.pt"))
 
 
-def test_teardown_joins_the_process_group_threads(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["data_parallel", "fsdp"])
+def test_teardown_joins_the_process_group_threads(tmp_path, sharded):
     """The gloo group's worker threads end in ``backend.teardown()``, while Python is
     whole: one left to finish a collective during interpreter shutdown aborts the process
-    ("terminate called without an active exception")."""
+    ("terminate called without an active exception"). Under FSDP, DTensor's lazy import
+    of ``torch.distributed.nn.functional`` would bind the group into function defaults
+    and keep the threads alive, unless imported before the group exists (backend.setup)."""
     import torch.multiprocessing as mp
-    mp.spawn(_teardown_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_teardown_worker, args=(2, _free_port(), str(tmp_path), sharded), nprocs=2, join=True)
     for r in (0, 1):
         t = torch.load(tmp_path / f"teardown{r}.pt")
         assert t["total"] == 2.0
