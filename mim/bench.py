@@ -11,7 +11,9 @@ timed steps on one device, and prints images/s, ms/step, model FLOPs per image
 (``torch.utils.flop_counter`` over one forward + backward of the step), MFU against the
 device's dense peak, and peak memory. The same figures follow for the peer
 (:mod:`mim.peers`: the architecture as timm ``nn.Module``\\ s with ``torch.optim``), eager
-and ``torch.compile``'d, and the ratios mim / peer. The batch is synthetic (shaped like
+and ``torch.compile``'d, and the ratios mim / peer. For the eager contenders it also
+counts the aten operators one step dispatches and the scalar reads (``.item()``) among
+them: mim's step has none. The batch is synthetic (shaped like
 the task's: images, labels or soft labels, and the per-sample extras of the task's
 ``batch_extras``) or, with ``--data=real``, the experiment's own input pipeline.
 
@@ -284,6 +286,26 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def count_ops(fn: Callable[[], object]) -> dict:
+    """The aten operators one call of ``fn`` dispatches (each is at least one kernel
+    launch on an accelerator, so eagerly the launch overhead scales with it) and, among
+    them, scalar reads (``.item()``, ``bool(t)``: ``aten._local_scalar_dense``), which wait
+    for the device when the tensor lives there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            Count.reads += func.overloadpacket is torch.ops.aten._local_scalar_dense
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return {"aten_ops_per_step": Count.ops, "scalar_reads_per_step": Count.reads}
+
+
 def time_steps(step: Callable[[int], object], be, warmup: int, steps: int) -> dict:
     """Run ``warmup`` then ``steps`` timed steps (``step(i)`` returns a loss tensor)."""
     reset_peak_memory(be)
@@ -331,7 +353,7 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
     batch_size = c.batch_size
     # with config.cuda_graphs the graph is recorded after its own warm-up: not in the timing
     mim_warmup = max(warmup, graphs.WARMUP + 1) if c.cuda_graphs else warmup
-    total = mim_warmup + steps
+    total = mim_warmup + steps + 1       # and one step whose operators are counted
     out = {"config": {"task": c.task, "model": c.model.get("name", c.task), "precision": c.precision,
                       "batch_size": batch_size, "compile": be.compile, "optimizer": c.optim.name,
                       "cuda_graphs": c.cuda_graphs,
@@ -362,6 +384,8 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
 
     out["results"]["mim"] = time_steps(mim_step, be, mim_warmup, steps)
     out["results"]["mim"]["flops_per_image"] = out["flops_per_image"]
+    if not be.compile and not c.cuda_graphs:    # operators are counted eagerly
+        out["results"]["mim"].update(count_ops(lambda: mim_step(mim_warmup + steps)))
     del run, next_batch
     _free(be)
 
@@ -380,6 +404,8 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
         next_batch = batches()
         entry = time_steps(lambda i: peer.train_step(next_batch()), be, warmup, steps)
         entry["flops_per_image"] = out["peer"]["flops_per_image"]
+        if kind == "eager":
+            entry.update(count_ops(lambda: peer.train_step(next_batch())))
         out["results"][f"peer_{kind}"] = entry
         del peer, next_batch
         _free(be)
@@ -418,6 +444,11 @@ def format_report(out: dict) -> str:
         lines.append(f"{name:16s} {r['images_per_s']:12.1f} {r['ms_per_step']:9.2f} "
                      f"{r['tflops_achieved']:9.4f} {mfu:>7s} {r['peak_bytes'] / 2**20:13.0f} "
                      f"{r['warmup_s']:9.1f}")
+    counted = [(n, r) for n, r in out["results"].items() if "aten_ops_per_step" in r]
+    if counted:
+        lines.append("eager step: " + "; ".join(
+            f"{n} {r['aten_ops_per_step']} aten ops, {r['scalar_reads_per_step']} scalar reads (.item())"
+            for n, r in counted))
     for key in sorted(out):
         if key.startswith("speedup_vs_"):
             kind = key[len("speedup_vs_"):]

@@ -35,6 +35,12 @@ def test_bench_every_experiment(path, one_thread):
     # The peer is the same architecture: FlopCounterMode counts the same model FLOPs.
     assert out["peer"]["flops_per_image"] == pytest.approx(out["flops_per_image"], rel=1e-3)
     assert "mim / peer_eager" in bench.format_report(out)
+    # mim's step never reads a value back (.item(), bool(t)): on an accelerator that would
+    # make the host wait for the device in every step
+    m = out["results"]["mim"]
+    assert m["scalar_reads_per_step"] == 0 and m["aten_ops_per_step"] > 100
+    assert out["results"]["peer_eager"]["aten_ops_per_step"] > 100
+    assert "0 scalar reads" in bench.format_report(out)
 
 
 def test_bench_real_data(one_thread):
