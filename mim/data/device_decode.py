@@ -168,7 +168,7 @@ class DeviceDecoder:
             except RuntimeError:
                 pass
             out = []                     # find the bad ones: decode one at a time
-            for k, x in enumerate(data):
+            for x in data:
                 try:
                     out.append(tvio.decode_jpeg(x, mode=mode, device=self.device))
                 except RuntimeError as e:
