@@ -132,6 +132,16 @@ class Backend:
             return torch.autocast(self.device_type, dtype=self.compute_dtype, cache_enabled=False)
         return contextlib.nullcontext()
 
+    def cast_inputs(self, batch: dict, keys) -> dict:
+        """The one place that casts inputs for the precision policy: under O2 (bf16, fp16)
+        the image entries ``keys`` take the parameters' dtype; autocast (AMP) and fp32
+        take them as they are. Other entries (labels, masks, MAE's noise, whose ranks
+        would tie in bf16) are never cast."""
+        if not self.master_weights:
+            return batch
+        return {k: v.to(self.param_dtype) if k in keys and v.is_floating_point() else v
+                for k, v in batch.items()}
+
     def synchronize(self):
         if self.device_type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -148,9 +148,11 @@ def peak_memory(be) -> int:
 def synthetic_batch(config, task, batch_size: int, device, seed: int = 0) -> Dict[str, torch.Tensor]:
     """A batch shaped like the input pipeline's: normalised images, labels (soft labels
     when mixup/cutmix are on), and the task's per-sample extras stacked."""
+    from mim import tasks
     gen = torch.Generator().manual_seed(seed)
-    size = config.data.image_size
-    batch = {"image": torch.randn(batch_size, 3, size, size, generator=gen)}
+    # every image key of the task's batches (several views, a tokenizer view), at its size
+    batch = {k: torch.randn(batch_size, 3, v.size, v.size, generator=gen)
+             for k, v in tasks.image_keys(task, config, train=True).items()}
     num_classes = config.model.get("num_classes", 0) or 1
     batch["label"] = torch.randint(0, num_classes, (batch_size,), generator=gen)
     d = config.data
@@ -174,12 +176,14 @@ class RealBatches:
         from mim.data import pipeline
         self.loader, _, _ = pipeline.train_loader(config, be, task, 0, total)
         self.it = iter(self.loader)
+        from mim import tasks
         self.device, self.data_config, self.to_device = be.device, config.data, pipeline.to_device
+        self.views = tasks.image_keys(task, config, train=True)
 
     def __call__(self) -> Dict[str, torch.Tensor]:
         batch = next(self.it)
         batch.pop("skipped", None)
-        return self.to_device(batch, self.device, self.data_config)
+        return self.to_device(batch, self.device, self.data_config, views=self.views)
 
 
 # ----------------------------------------------------------------------------------------

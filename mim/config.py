@@ -10,20 +10,11 @@ import ml_collections
 
 from mim import backend, optim
 
-MODES = ("train", "eval")
-# init.format -> module with load_for_finetune(params, path, model_cfg); "mim" is built in.
-INIT_FORMATS = {
-    "timm": "mim.checkpoints.timm_vit",
-    "mae": "mim.checkpoints.mae",
-    "swin": "mim.checkpoints.swin",
-    "simmim": "mim.checkpoints.swin",   # SimMIM pretraining (Swin or ViT encoder)
-}
-
-
+MODES = ("train", "eval", "knn")
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "classify"
-    c.mode = "train"              # "train", or "eval": evaluate init.checkpoint / the workdir's last
+    c.mode = "train"              # "train"; "eval": evaluate init.checkpoint / the workdir's last; "knn": k-NN of its features
     c.seed = 0
     c.device = "auto"             # auto | cpu | cuda | npu
     c.precision = "fp32"          # fp32 | amp_bf16 | amp_fp16 | bf16 | fp16 (see mim.backend)
@@ -41,6 +32,11 @@ def base() -> ml_collections.ConfigDict:
     c.deterministic = False       # torch.use_deterministic_algorithms
     c.max_nonfinite_steps = 10    # stop after this many consecutive non-finite losses
     c.sharding = "none"           # none | fsdp: parameters, gradients, optimizer state sharded (mim.train.sharding)
+    c.knn_every = 0               # steps between k-NN evaluations of the encoder's features; 0: off
+
+    c.knn = ml_collections.ConfigDict()
+    c.knn.k = 20                  # neighbours (Wu et al. 2018; DINO's and solo-learn's k-NN)
+    c.knn.temperature = 0.07      # votes weighted by exp(cosine similarity / temperature)
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""        # a file to start from (format set by init.format)
@@ -125,7 +121,8 @@ def validate(c, world_size: int = 1) -> None:
     _one_of(c, "compile", backend.COMPILE)
     _one_of(c, "optim.name", optim.OPTIMIZERS)
     _one_of(c, "optim.schedule", optim.SCHEDULES)
-    _one_of(c, "init.format", ("mim",) + tuple(INIT_FORMATS))
+    from mim.checkpoints import FORMATS
+    _one_of(c, "init.format", ("mim",) + tuple(FORMATS))
     _one_of(c, "sharding", ("none", "fsdp"))
     if c.cuda_graphs:
         _check(c.device in ("auto", "cuda"), "cuda_graphs", f"needs a CUDA device, not device={c.device}")
@@ -135,7 +132,10 @@ def validate(c, world_size: int = 1) -> None:
     for f in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints",
               "max_nonfinite_steps"):
         _check(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")
-    for f in ("steps", "eval_every", "checkpoint_every", "optim.warmup_steps", "data.num_workers"):
+    _check(isinstance(c.knn.k, int) and c.knn.k > 0, "knn.k", f"must be a positive integer, got {c.knn.k!r}")
+    _check(c.knn.temperature > 0, "knn.temperature", f"must be positive, got {c.knn.temperature}")
+    for f in ("steps", "eval_every", "checkpoint_every", "knn_every", "optim.warmup_steps",
+              "data.num_workers"):
         v = c
         for p in f.split("."):
             v = v[p]

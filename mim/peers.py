@@ -350,8 +350,10 @@ def build(config) -> tnn.Module:
         model = MAEPretrain.from_config(m)
     elif task == "simmim_pretrain":
         model = SimMIM(m)
-    elif task == "linprobe":
+    elif task == "linprobe" and m.get("name", "vit") == "vit" and config.probe.features == "pooled" \
+            and config.probe.batch_norm:
         model = LinearProbe(m)
     else:
-        raise ValueError(f"no peer for task {task!r}")
+        raise ValueError(f"no peer for task {task!r} with model {m.get('name', 'vit')!r}; "
+                         f"run the bench with --peer=none")
     return model.train()

@@ -83,7 +83,7 @@ def test_layer_decay_scales_lr_per_layer():
     from mim.models import vit
     shapes = {"pos_embed": (1, 5, 4), "blocks.0.w": (4, 4), "blocks.1.w": (4, 4), "head.weight": (3, 4)}
     groups = optim.make_groups(shapes, weight_decay=0.0, layer_decay=0.5,
-                               layer_id=lambda n: vit.layer_id(n, 2), num_layers=2)
+                               layer_id=lambda n: vit.layer_id(n, vit.config(depth=2)), num_layers=2)
     scale = {n: grp.lr_scale for grp in groups for n in grp.names}
     # layers 0..3 of depth 2: decay^(3 - id)
     assert scale == {"pos_embed": 0.125, "blocks.0.w": 0.25, "blocks.1.w": 0.5, "head.weight": 1.0}

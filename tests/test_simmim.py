@@ -4,7 +4,6 @@ built on timm's Swin and BEiT (the reference's ViT is BEiT's, and timm's ``Beit`
 layout), plus the checkpoint import/export in the official layouts."""
 import functools
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +12,7 @@ from mim import tree
 from mim.checkpoints import swin as ckpt
 from mim.data import masks
 from mim.models import simmim, swin
+from mim.nn import relpos
 
 timm_swin = pytest.importorskip("timm.models.swin_transformer")
 timm_beit = pytest.importorskip("timm.models.beit")
@@ -321,90 +321,6 @@ def test_load_errors_name_the_keys(tmp_path):
         ckpt.load_official(path)
 
 
-# ------------------------------------------------------- relative position bias interpolation
-
-
-def reference_positions(src_size, dst_size):
-    """The reference's coordinates, re-derived here: bisection for the ratio q, source
-    offsets 1, 1+q, 1+q+q^2, ... mirrored around 0; target offsets on the integers."""
-    lo, hi = 1.01, 1.5
-    while hi - lo > 1e-6:
-        q = (lo + hi) / 2.0
-        if (1.0 - q ** (src_size // 2)) / (1.0 - q) > dst_size // 2:
-            hi = q
-        else:
-            lo = q
-    dis = np.cumsum([1.0] + [q ** (i + 1) for i in range(src_size // 2 - 1)])
-    x = np.concatenate([-dis[::-1], [0.0], dis])
-    t = dst_size // 2.0
-    return x, np.arange(-t, t + 0.1, 1.0)
-
-
-def not_a_knot_spline_matrix(x, u):
-    """Independent numpy reference: the classic cubic spline with not-a-knot end
-    conditions, solved for second derivatives (M_i), evaluated piecewise at ``u`` (clamped
-    to the data range). Returns the (len(u), len(x)) linear map from samples to values."""
-    n = len(x)
-    h = np.diff(x)
-    out = np.zeros((len(u), n))
-    for j in range(n):
-        y = np.zeros(n)
-        y[j] = 1.0
-        A = np.zeros((n, n))
-        b = np.zeros(n)
-        for i in range(1, n - 1):
-            A[i, i - 1], A[i, i], A[i, i + 1] = h[i - 1], 2 * (h[i - 1] + h[i]), h[i]
-            b[i] = 6 * ((y[i + 1] - y[i]) / h[i] - (y[i] - y[i - 1]) / h[i - 1])
-        # Third derivative continuous at x[1] and x[n-2].
-        A[0, :3] = [h[1], -(h[0] + h[1]), h[0]]
-        A[-1, -3:] = [h[-1], -(h[-2] + h[-1]), h[-2]]
-        M = np.linalg.solve(A, b)
-        for k, v in enumerate(np.clip(u, x[0], x[-1])):
-            i = min(np.searchsorted(x, v, side="right") - 1, n - 2)
-            a, c = x[i + 1] - v, v - x[i]
-            out[k, j] = (M[i] * a ** 3 + M[i + 1] * c ** 3) / (6 * h[i]) \
-                + (y[i] / h[i] - M[i] * h[i] / 6) * a + (y[i + 1] / h[i] - M[i + 1] * h[i] / 6) * c
-    return out
-
-
-@pytest.mark.parametrize("src,dst", [(6, 7), (12, 14), (7, 12)])
-def test_interpolate_rel_pos_bias_matches_bicubic_spline_reference(src, dst):
-    gen = torch.Generator().manual_seed(0)
-    table = torch.randn((2 * src - 1) ** 2, 3, generator=gen)
-    out = ckpt.interpolate_rel_pos_bias(table, src, dst)
-    assert out.shape == ((2 * dst - 1) ** 2, 3) and out.dtype == torch.float32
-    x, u = reference_positions(2 * src - 1, 2 * dst - 1)
-    Wm = not_a_knot_spline_matrix(x, u)
-    for h in range(3):
-        z = table[:, h].double().numpy().reshape(2 * src - 1, 2 * src - 1)
-        ref = (Wm @ z @ Wm.T).reshape(-1)
-        assert np.abs(out[:, h].double().numpy() - ref).max() < 1e-5
-
-
-def test_interpolate_rel_pos_bias_matches_scipy_fitpack_grid_spline():
-    """interp2d(kind='cubic') on a grid ran FITPACK's regrid with s=0, the routine behind
-    RectBivariateSpline; the float32 output agrees to rounding (measured ~1e-7)."""
-    interpolate = pytest.importorskip("scipy.interpolate")
-    table = torch.randn(11 * 11, 4, generator=torch.Generator().manual_seed(1))
-    out = ckpt.interpolate_rel_pos_bias(table, 6, 7)
-    x, u = reference_positions(11, 13)
-    for h in range(4):
-        f = interpolate.RectBivariateSpline(x, x, table[:, h].view(11, 11).double().numpy(), kx=3, ky=3, s=0)
-        assert np.abs(out[:, h].numpy() - f(u, u).reshape(-1)).max() < 1e-6
-
-
-def test_interpolation_reproduces_cubic_polynomials():
-    """A not-a-knot cubic spline is exact on cubics: a separable cubic sampled on the
-    geometric source offsets comes back exactly on the integer target offsets."""
-    x, u = reference_positions(11, 13)
-    p = lambda v: 0.3 + 0.2 * v - 0.05 * v ** 2 + 0.01 * v ** 3
-    z = np.outer(p(x), p(x) + 1)
-    table = torch.tensor(z.reshape(-1, 1), dtype=torch.float64)
-    out = ckpt.interpolate_rel_pos_bias(table, 6, 7).double().numpy().reshape(13, 13)
-    assert np.abs(out - np.outer(p(u), p(u) + 1)).max() < 1e-4   # float32 output
-    assert ckpt.interpolate_rel_pos_bias(table, 6, 6) is table
-
-
 def test_simmim_to_swin_window6_to_window7():
     """192 px / window 6 pre-training -> 224 px / window 7 fine-tuning, scaled by 1/2:
     96 px window 6 (stages 24, 12, 6) -> 112 px window 7 (stages 28, 14, 7)."""
@@ -422,7 +338,7 @@ def test_simmim_to_swin_window6_to_window7():
     key = "layers.2.blocks.1.attn.relative_position_bias_table"
     src = tree.flatten(pre)["encoder." + key]
     assert tree.flatten(ft)[key].shape == (13 * 13, 4)
-    assert torch.equal(tree.flatten(ft)[key], ckpt.interpolate_rel_pos_bias(src, 6, 7))
+    assert torch.equal(tree.flatten(ft)[key], relpos.resize(src, 7))
     # Centre offset (0, 0) sits on a source sample: unchanged by the interpolation.
     assert torch.allclose(tree.flatten(ft)[key][6 * 13 + 6], src[5 * 11 + 5], atol=1e-6)
     logits, _ = swin.apply(ft, torch.randn(1, 3, 112, 112), ft_cfg)

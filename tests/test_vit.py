@@ -79,9 +79,10 @@ def test_finetune_from_timm_file_new_head_and_resized_pos_embed(tmp_path):
 
 
 def test_layer_id_matches_beit_mae_rule():
-    assert vit.layer_id("cls_token", 12) == 0
-    assert vit.layer_id("patch_embed.proj.weight", 12) == 0
-    assert vit.layer_id("blocks.0.norm1.weight", 12) == 1
-    assert vit.layer_id("blocks.11.mlp.fc2.bias", 12) == 12
-    assert vit.layer_id("fc_norm.weight", 12) == 13
-    assert vit.layer_id("head.weight", 12) == 13
+    cfg = vit.config(depth=12)
+    assert vit.layer_id("cls_token", cfg) == 0
+    assert vit.layer_id("patch_embed.proj.weight", cfg) == 0
+    assert vit.layer_id("blocks.0.norm1.weight", cfg) == 1
+    assert vit.layer_id("blocks.11.mlp.fc2.bias", cfg) == 12
+    assert vit.layer_id("fc_norm.weight", cfg) == 13
+    assert vit.layer_id("head.weight", cfg) == 13

@@ -11,6 +11,12 @@ Three layouts exist, and mim's trees use each one's key names unchanged:
 
 The key sets are the same as mim's, so the rename table is empty; files are read with
 ``weights_only=True`` and never unpickle arbitrary objects.
+
+Weights fix every shape but not the head counts, the layer-norm eps or the training
+settings (``norm_pix_loss``, ``mask_ratio``). Those come from the caller's config or
+keyword fields, or from the ``args`` the reference's scripts save next to ``model``
+(its ``model`` name is one of :data:`ARCHS`); otherwise the import stops and says which
+are missing. Nothing is inferred from a width.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from typing import Optional
 import torch
 
 from mim import tree as T
-from mim.checkpoints.weights import read_source, read_state_dict  # noqa: F401 (public here too)
+from mim.checkpoints.weights import (  # noqa: F401 (public here too)
+    read_source, read_state_dict, read_with_args)
 from mim.models import mae, vit
 from mim.nn import init as I
 
@@ -32,10 +39,29 @@ KINDS = ("mae", "mae_encoder", "vit")
 # Official names that differ from mim's; none so far: both follow timm's module names.
 RENAMES: dict = {}
 
-# Head counts are not recorded in the weights; these are the paper's ViT sizes
-# (Dosovitskiy et al. 2021, Table 1; MAE Sec. A.1). Other widths fall back to 64-d heads.
-_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-_DECODER_HEADS = 16  # the reference uses 16 for every released decoder
+# What the weights cannot tell, per layout: head counts and layer-norm eps change no
+# shape; norm_pix_loss (the decoder's target) and mask_ratio are training settings. They
+# come from the caller (a config or keyword arguments) or from the file's saved "args".
+UNRECORDED = {
+    "mae": ("num_heads", "decoder_num_heads", "norm_eps", "norm_pix_loss", "mask_ratio"),
+    "mae_encoder": ("num_heads", "norm_eps"),
+    "vit": ("num_heads", "norm_eps"),
+}
+
+# The reference's named architectures (models_mae.py, models_vit.py: every one uses
+# LayerNorm eps 1e-6, MLP ratio 4 and, for MAE, the 512-d 8-block 16-head decoder): what
+# a checkpoint's ``args.model``, or the ``arch`` argument, states beyond the weights.
+_MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_VITS = {
+    "base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+ARCHS = {}
+for _size, _fields in _VITS.items():
+    for _name in (f"mae_vit_{_size}", f"mae_vit_{_size}_dec512d8b"):
+        ARCHS[_name] = dict(_fields, **_MAE_DECODER, mlp_ratio=4.0, norm_eps=1e-6)
+    ARCHS[f"vit_{_size}"] = dict(_fields, mlp_ratio=4.0, norm_eps=1e-6)
 
 _ENCODER_TOP = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
 
@@ -70,41 +96,97 @@ def _count_blocks(flat: Mapping, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def _encoder_fields(flat: Mapping, num_prefix: int) -> dict:
+def _shape_fields(flat: Mapping, kind: str) -> dict:
+    """The config fields the tensors' shapes and names determine."""
+    num_prefix = 1 if kind != "vit" else int("cls_token" in flat)
     _require(flat, "patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
     D, C, p, _ = flat["patch_embed.proj.weight"].shape
     n = flat["pos_embed"].shape[1] - num_prefix
     g = math.isqrt(n)
     if g * g != n:
         raise ValueError(f"pos_embed has {n} patch rows, not a square grid")
-    return dict(img_size=g * p, patch_size=p, in_chans=C, embed_dim=D,
-                depth=_count_blocks(flat, "blocks"), num_heads=_HEADS.get(D, max(1, D // 64)),
-                mlp_ratio=flat["blocks.0.mlp.fc1.weight"].shape[0] / D)
-
-
-def infer_config(flat: Mapping, kind: Optional[str] = None, **overrides):
-    """A model config matching the checkpoint's shapes (an ``mae`` config for the
-    pretraining layouts, a ``vit`` config for a fine-tuned model). Head counts are not
-    stored in weights: they come from the standard sizes unless overridden."""
-    kind = kind or detect_kind(flat)
-    if kind in ("mae", "mae_encoder"):
-        fields = _encoder_fields(flat, num_prefix=1)
-        if kind == "mae":
-            _require(flat, "decoder_embed.weight")
-            fields.update(decoder_embed_dim=flat["decoder_embed.weight"].shape[0],
-                          decoder_depth=_count_blocks(flat, "decoder_blocks"),
-                          decoder_num_heads=_DECODER_HEADS)
-        fields.update(overrides)
-        return mae.config(**fields)
-    if kind == "vit":
-        class_token = "cls_token" in flat
-        fields = _encoder_fields(flat, num_prefix=int(class_token))
-        fields.update(class_token=class_token,
+    fields = dict(img_size=g * p, patch_size=p, in_chans=C, embed_dim=D,
+                  depth=_count_blocks(flat, "blocks"),
+                  mlp_ratio=flat["blocks.0.mlp.fc1.weight"].shape[0] / D)
+    if kind == "mae":
+        _require(flat, "decoder_embed.weight")
+        fields.update(decoder_embed_dim=flat["decoder_embed.weight"].shape[0],
+                      decoder_depth=_count_blocks(flat, "decoder_blocks"))
+    elif kind == "vit":
+        fields.update(class_token=bool(num_prefix),
                       global_pool="avg" if "fc_norm.weight" in flat else "token",
                       num_classes=flat["head.weight"].shape[0] if "head.weight" in flat else 0)
-        fields.update(overrides)
+    return fields
+
+
+def _make_config(kind: str, fields: dict):
+    if kind in ("mae", "mae_encoder"):
+        return mae.config(**fields)
+    if kind == "vit":
         return vit.config(**fields)
     raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS}")
+
+
+def _from_args(args: Optional[Mapping], arch: Optional[str]) -> dict:
+    """Fields stated by an architecture name (``arch``, or the saved ``args.model`` when it
+    is one of the reference's) and by the saved ``norm_pix_loss`` / ``mask_ratio``."""
+    if arch is not None and arch not in ARCHS:
+        raise ValueError(f"arch={arch!r} is not one of the reference's architectures {sorted(ARCHS)}")
+    saved = dict(args or {})
+    name = saved.get("model")
+    if arch is not None and name is not None and name != arch:
+        raise ValueError(f"arch={arch!r} contradicts the checkpoint's saved args.model={name!r}")
+    out = dict(ARCHS.get(arch or name, {}))
+    out.update({k: saved[k] for k in ("norm_pix_loss", "mask_ratio") if k in saved})
+    return out
+
+
+def infer_config(flat: Mapping, kind: Optional[str] = None, args: Optional[Mapping] = None,
+                 arch: Optional[str] = None, **given):
+    """The model config of a checkpoint (an ``mae`` config for the pretraining layouts, a
+    ``vit`` config for a fine-tuned model), never guessed: shapes come from the weights;
+    what they cannot tell (:data:`UNRECORDED`: head counts, eps, the MAE training settings)
+    from ``given`` keyword fields, else from ``arch`` (a name in :data:`ARCHS`) or the
+    checkpoint's saved training ``args`` (its ``model`` name, ``norm_pix_loss``,
+    ``mask_ratio``). A missing field, or a stated architecture that contradicts the
+    weights, is an error naming it."""
+    kind = kind or detect_kind(flat)
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS}")
+    shapes = _shape_fields(flat, kind)
+    stated = _from_args(args, arch)
+    # mask_ratio is a setting a user may change (visualising at another ratio); the rest
+    # would run another model on these weights.
+    contradicted = [f"{k}={v!r} (stated: {stated[k]!r})" for k, v in given.items()
+                    if k in stated and k != "mask_ratio" and stated[k] != v]
+    if contradicted:
+        raise ValueError(f"{', '.join(contradicted)} contradicts the architecture the checkpoint's "
+                         f"saved args or arch= state")
+    stated.update(given)
+    clash = [f"{k}={stated[k]!r} (weights: {v!r})" for k, v in shapes.items()
+             if k in stated and stated[k] != v]
+    if clash:
+        raise ValueError(f"the stated architecture (arch={arch!r}, saved args.model="
+                         f"{(args or {}).get('model')!r}, fields) has {', '.join(clash)}, "
+                         "which the checkpoint's weights contradict")
+    missing = [k for k in UNRECORDED[kind] if k not in stated]
+    if missing:
+        raise ValueError(
+            f"the {kind!r} checkpoint does not record {', '.join(missing)} (weights hold no head "
+            "counts, eps or training settings, and it saved no training args stating them); pass "
+            f"cfg=mim.models.{'vit' if kind == 'vit' else 'mae'}.config(...), or "
+            f"{', '.join(f'{k}=...' for k in missing)} as keyword arguments, or arch=<one of "
+            f"{sorted(ARCHS)}> for an official architecture")
+    fields = dict(shapes)
+    fields.update({k: stated[k] for k in UNRECORDED[kind]})
+    fields.update({k: v for k, v in given.items() if k not in fields})
+    return _make_config(kind, fields)
+
+
+def _layout_config(flat: Mapping, kind: str):
+    """A config with the checkpoint's shapes, for checking its layout only: head counts
+    and eps change no shape, so the defaults standing in for them are never run."""
+    return _make_config(kind, _shape_fields(flat, kind))
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,26 +230,49 @@ def check_layout(flat: Mapping, kind: str, cfg) -> None:
 # Public API.
 
 
-def load_official(src, cfg=None, kind: Optional[str] = None, return_config: bool = False):
+def load_official(src, cfg=None, kind: Optional[str] = None, return_config: bool = False,
+                  **fields):
     """mim tree from an official checkpoint (path or state_dict).
 
-    The layout is detected from the keys unless ``kind`` is given; ``cfg`` (an ``mae`` or
-    ``vit`` config) is inferred from the shapes unless given, and the key set and every
-    shape are checked against it. With ``return_config`` returns ``(tree, cfg)``."""
-    flat = {RENAMES.get(k, k): v for k, v in read_state_dict(src).items()}
+    The layout is detected from the keys unless ``kind`` is given. ``cfg`` (an ``mae`` or
+    ``vit`` config) is the model the weights are for; without it the config is
+    :func:`infer_config` from the shapes, the file's saved training ``args`` and
+    ``fields`` (``num_heads=...``, ``arch=...``), and the import stops naming what none of
+    them states. The key set and every shape are checked. With ``return_config`` returns
+    ``(tree, cfg)``."""
+    flat, args = read_with_args(src)
+    flat = {RENAMES.get(k, k): v for k, v in flat.items()}
     kind = kind or detect_kind(flat)
-    cfg = cfg if cfg is not None else infer_config(flat, kind)
+    if cfg is None:
+        cfg = infer_config(flat, kind, args=args, **fields)
+    elif fields:
+        raise ValueError(f"load_official: give either cfg or fields, not both (got {sorted(fields)})")
+    else:
+        _check_against_args(cfg, args)
     check_layout(flat, kind, cfg)
     order = expected_shapes(kind, cfg)
     params = T.unflatten({k: flat[k] for k in order})
     return (params, cfg) if return_config else params
 
 
+def _check_against_args(cfg, args: Optional[Mapping]) -> None:
+    """A config that contradicts the architecture or target the checkpoint was trained
+    with would run another model on its weights."""
+    if args is None:
+        return
+    # mask_ratio is a setting a user may change (visualising at another ratio).
+    stated = {k: v for k, v in _from_args(args, None).items() if k != "mask_ratio"}
+    clash = [f"{k}: config {cfg[k]!r}, checkpoint args {v!r}" for k, v in stated.items()
+             if k in cfg and cfg[k] != v]
+    if clash:
+        raise ValueError(f"the config contradicts the checkpoint's saved training args: {clash}")
+
+
 def export_official(params: Mapping, kind: Optional[str] = None) -> dict:
     """Flat state_dict in the reference's layout (``kind`` detected when omitted)."""
     flat = T.flatten(params)
     kind = kind or detect_kind(flat)
-    check_layout(flat, kind, infer_config(flat, kind))
+    check_layout(flat, kind, _layout_config(flat, kind))
     inverse = {v: k for k, v in RENAMES.items()}
     return {inverse.get(k, k): v.detach() for k, v in flat.items()}
 

@@ -17,7 +17,6 @@ or safetensors; nothing else is unpickled.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Dict, Optional
@@ -27,6 +26,7 @@ import torch
 from mim import tree as T
 from mim.checkpoints.weights import read_source, read_state_dict  # noqa: F401 (public here too)
 from mim.models import beit, swin
+from mim.nn import relpos
 
 _BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 _TABLE = "relative_position_bias_table"
@@ -99,91 +99,14 @@ def load_official(path_or_sd, cfg=None) -> dict:
     return T.unflatten({k: sd[k] for k in expected})
 
 
-def _window_of(table: torch.Tensor) -> int:
-    side = math.isqrt(table.shape[0])
-    if side * side != table.shape[0] or side % 2 == 0:
-        raise ValueError(f"{_TABLE} with {table.shape[0]} rows is not a (2W-1)^2 table")
-    return (side + 1) // 2
-
-
-# ----------------------------------------------------------------------------------------
-# Relative position bias interpolation (SimMIM utils.remap_pretrained_keys_swin).
-
-
-def _geometric_ratio(src_half: int, dst_half: int) -> float:
-    """Bisection for q with 1 + q + ... + q^(src_half-1) = dst_half: source offsets are
-    spread geometrically so the outermost one lands on the target's (SimMIM utils.py,
-    after BEiT). Same bounds, stopping rule and final midpoint as the reference."""
-    left, right = 1.01, 1.5
-    while right - left > 1e-6:
-        q = (left + right) / 2.0
-        if (1.0 - q ** src_half) / (1.0 - q) > dst_half:
-            right = q
-        else:
-            left = q
-    return q
-
-
-def _bspline_basis(knots: torch.Tensor, u: torch.Tensor, degree: int = 3) -> torch.Tensor:
-    """``(len(u), len(knots) - degree - 1)`` B-spline basis values (Cox-de Boor), with the
-    right end of the domain belonging to the last non-empty knot interval."""
-    t = knots
-    B = ((u[:, None] >= t[None, :-1]) & (u[:, None] < t[None, 1:])).to(t.dtype)
-    last = int(torch.nonzero(t[1:] > t[:-1]).max())
-    B[u >= t[-1], :] = 0
-    B[u >= t[-1], last] = 1
-    for d in range(1, degree + 1):
-        n = len(t) - d - 1
-        den_l = t[d:d + n] - t[:n]
-        den_r = t[d + 1:d + 1 + n] - t[1:1 + n]
-        left = torch.where(den_l > 0, (u[:, None] - t[None, :n]) / den_l.clamp_min(1e-300), 0.0)
-        right = torch.where(den_r > 0, (t[None, d + 1:d + 1 + n] - u[:, None]) / den_r.clamp_min(1e-300), 0.0)
-        B = left * B[:, :n] + right * B[:, 1:n + 1]
-    return B
-
-
-def cubic_spline_weights(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``(len(u), len(x))`` matrix mapping samples at ``x`` to the interpolating cubic
-    spline evaluated at ``u`` (float64).
-
-    This is the spline FITPACK's ``regrid`` returns with ``s=0`` (what ``interp2d(kind=
-    'cubic')`` fitted on a grid): knots at ``x[2:-2]`` with 4-fold end knots, i.e. the
-    not-a-knot interpolant, evaluated with the argument clamped to ``[x[0], x[-1]]`` as
-    FITPACK's ``fpbisp`` does."""
-    if len(x) < 4:
-        raise ValueError(f"cubic interpolation needs at least 4 samples per axis, got {len(x)}")
-    knots = torch.cat([x[:1].repeat(4), x[2:-2], x[-1:].repeat(4)])
-    A = _bspline_basis(knots, x)
-    E = _bspline_basis(knots, u.clamp(x[0], x[-1]))
-    return torch.linalg.solve(A.T, E.T).T
-
-
 def interpolate_rel_pos_bias(table: torch.Tensor, src_window: int, dst_window: int) -> torch.Tensor:
-    """Resize a ``((2*src-1)^2, heads)`` relative position bias table to ``dst_window`` as
-    SimMIM's ``load_pretrained`` does when fine-tuning at another window (6 -> 7; Xie et al.
-    2022 Sec. 4.1): source offsets placed on a geometric progression reaching
-    ``dst_size // 2``, target offsets on the integers, bicubic spline (``interp2d``) per head.
-
-    scipy's ``interp2d`` is gone from recent scipy; the same tensor-product spline is
-    computed here as two 1-D spline weight matrices applied on each side of the table."""
-    src, dst = 2 * src_window - 1, 2 * dst_window - 1
-    if table.shape[0] != src * src:
-        raise ValueError(f"{_TABLE} has {table.shape[0]} rows; window {src_window} needs {src * src}")
-    if src_window == dst_window:
-        return table
-    q = _geometric_ratio(src // 2, dst // 2)
-    dis, cur = [], 1.0
-    for i in range(src // 2):
-        dis.append(cur)
-        cur += q ** (i + 1)
-    x = torch.tensor([-d for d in reversed(dis)] + [0.0] + dis, dtype=torch.float64)
-    t = dst // 2
-    u = torch.arange(-t, t + 0.1, 1.0, dtype=torch.float64)
-    Wm = cubic_spline_weights(x, u)                                    # (dst, src)
-    # The reference casts each head's grid to float32 before fitting.
-    z = table.detach().float().double().T.reshape(-1, src, src)        # (heads, rows, cols)
-    out = Wm @ z @ Wm.T                                                # (heads, dst, dst)
-    return out.reshape(-1, dst * dst).T.to(torch.float32).contiguous()
+    """A ``((2*src-1)^2, heads)`` Swin table resized to ``dst_window`` as SimMIM's
+    ``load_pretrained`` does when fine-tuning at another window (6 -> 7; Xie et al. 2022
+    Sec. 4.1): :func:`mim.nn.relpos.resize`."""
+    if table.shape[0] != relpos.table_rows(src_window):
+        raise ValueError(f"{_TABLE} has {table.shape[0]} rows; window {src_window} needs "
+                         f"{relpos.table_rows(src_window)}")
+    return relpos.resize(table, dst_window)
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,7 +145,7 @@ def simmim_to_swin(tree: dict, swin_cfg, gen: Optional[torch.Generator] = None,
             if v.shape[1] != init_value.shape[1]:
                 raise ValueError(f"{k}: {v.shape[1]} heads in the checkpoint, "
                                  f"{init_value.shape[1]} in the config")
-            v = interpolate_rel_pos_bias(v, _window_of(v), _window_of(init_value)).to(v.dtype)
+            v = relpos.resize(v, relpos.table_size(init_value.shape[0]))
         if v.shape != init_value.shape:
             if k.startswith("head."):
                 v = init_value  # another label set: a fresh classifier, as the reference's head
@@ -238,7 +161,7 @@ def _buffers_for(cfg) -> Dict[str, Dict[str, torch.Tensor]]:
     out = {}
     for i, (H, W, window, shift) in enumerate(swin.stage_geometry(cfg, cfg.img_size, cfg.img_size)):
         for j in range(cfg.depths[i]):
-            b = {"attn.relative_position_index": swin.relative_position_index(window).clone()}
+            b = {"attn.relative_position_index": relpos.window_index(window).clone()}
             if j % 2 and shift:
                 b["attn_mask"] = swin.shift_attn_mask(H, W, window, shift).clone()
             out[f"layers.{i}.blocks.{j}."] = b
@@ -355,8 +278,11 @@ def load_for_finetune(params: dict, path, model_cfg) -> dict:
     interpolated to the fine-tuning window (6 -> 7 in the paper, Sec. 4.1) and the head is
     ``params``'s own unless the checkpoint has one of the same shape (:func:`simmim_to_swin`).
     ViT (``model.name="beit"``, the reference's BEiT-style ViT): :func:`simmim_to_beit`."""
+    name = model_cfg.get("name")
+    if name is None:
+        raise ValueError("init.format='swin': model config has no 'name' ('swin' or 'beit'); "
+                         "build it with mim.models.swin.config or mim.models.beit.config")
     flat = read_source(path)
-    name = model_cfg.get("name", "swin")
     if name == "swin":
         return simmim_to_swin(T.unflatten(_official_swin_keys(flat)), model_cfg, fresh=params)
     if name == "beit":

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 from collections.abc import Mapping
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import safetensors.torch
 import torch
@@ -16,31 +16,31 @@ from mim import tree
 log = logging.getLogger(__name__)
 
 
-def read_state_dict(src) -> Dict[str, torch.Tensor]:
-    """A flat state_dict from a path (``.safetensors``; a mim checkpoint directory; or a
-    torch file loaded with ``weights_only=True``) or an in-memory mapping (copied: steps
-    update parameters in place). A ``{"model": ...}`` / ``{"state_dict": ...}`` /
-    ``{"module": ...}`` wrapper is unwrapped."""
+def _load(src):
+    """The object a path holds (``.safetensors``; a mim checkpoint directory; or a torch
+    file loaded with ``weights_only=True``), or ``src`` itself if it is a mapping."""
     if isinstance(src, Mapping):
-        obj = src
-    else:
-        path = os.fspath(src)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        if os.path.isdir(path):
-            path = os.path.join(path, "state.safetensors")
-        if path.endswith(".safetensors"):
-            return safetensors.torch.load_file(path)
-        try:
-            # MAE's training checkpoints also store its argparse Namespace, a class that
-            # only sets attributes: allowing it keeps weights_only's guarantee.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # the unpickler's refusal names the offending global
-            raise ValueError(
-                f"{path}: not loadable with weights_only=True ({e}). If it is an official training "
-                "checkpoint holding a config object (SimMIM/Swin pickle a yacs CfgNode), re-save "
-                "only its 'model' entry where the file is trusted") from e
+        return src
+    path = os.fspath(src)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        path = os.path.join(path, "state.safetensors")
+    if path.endswith(".safetensors"):
+        return safetensors.torch.load_file(path)
+    try:
+        # MAE's training checkpoints also store its argparse Namespace, a class that
+        # only sets attributes: allowing it keeps weights_only's guarantee.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusal names the offending global
+        raise ValueError(
+            f"{path}: not loadable with weights_only=True ({e}). If it is an official training "
+            "checkpoint holding a config object (SimMIM/Swin pickle a yacs CfgNode), re-save "
+            "only its 'model' entry where the file is trusted") from e
+
+
+def _state_dict(obj, copy: bool) -> Dict[str, torch.Tensor]:
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = dict(obj[key])
@@ -50,9 +50,38 @@ def read_state_dict(src) -> Dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"checkpoint entries that are not tensors: {bad[:10]}")
-    if isinstance(src, Mapping):
+    if copy:
         return {k: v.detach().clone() for k, v in obj.items()}
     return dict(obj)
+
+
+def _saved_args(obj) -> Optional[dict]:
+    """The training arguments saved next to the weights (the reference scripts' ``"args"``
+    argparse Namespace, or a plain mapping), as a dict; None when there are none."""
+    if not isinstance(obj, Mapping) or "args" not in obj:
+        return None
+    args = obj["args"]
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, Mapping):
+        return dict(args)
+    raise ValueError(f"checkpoint entry 'args' is a {type(args).__name__}, not an argparse "
+                     "Namespace or a mapping")
+
+
+def read_state_dict(src) -> Dict[str, torch.Tensor]:
+    """A flat state_dict from a path (``.safetensors``; a mim checkpoint directory; or a
+    torch file loaded with ``weights_only=True``) or an in-memory mapping (copied: steps
+    update parameters in place). A ``{"model": ...}`` / ``{"state_dict": ...}`` /
+    ``{"module": ...}`` wrapper is unwrapped."""
+    return _state_dict(_load(src), copy=isinstance(src, Mapping))
+
+
+def read_with_args(src) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """:func:`read_state_dict` and the training arguments the file saved with it (the
+    official scripts' ``{"model": ..., "args": Namespace}``), or None, from one read."""
+    obj = _load(src)
+    return _state_dict(obj, copy=isinstance(src, Mapping)), _saved_args(obj)
 
 
 def read_source(path, include_model_state: bool = False) -> Dict[str, torch.Tensor]:

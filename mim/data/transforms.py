@@ -70,11 +70,16 @@ class Collate:
         self.mix, self.uint8, self.encoded = mix, uint8, encoded
 
     def __call__(self, samples):
+        # Evaluation's unreadable files arrive as None (mim.data.folder): dropped, counted.
+        unreadable = sum(s is None for s in samples)
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            return {"skipped": torch.tensor(unreadable)}
         if self.encoded:
             samples = [dict(s) for s in samples]
             images = [s.pop("image") for s in samples]
             batch = torch.utils.data.default_collate(samples)
-            batch["skipped"] = batch["skipped"].sum()
+            batch["skipped"] = batch["skipped"].sum() + unreadable
             batch.pop("mix_seed", None)
             batch["image"] = images
             return batch
@@ -85,7 +90,7 @@ class Collate:
                 raise TypeError(f"uint8 collation got {images[0].dtype} images; the transform "
                                 f"must be built with data.device_normalize=True")
         batch = torch.utils.data.default_collate(samples)
-        batch["skipped"] = batch["skipped"].sum()
+        batch["skipped"] = batch["skipped"].sum() + unreadable
         seeds = batch.pop("mix_seed", None)
         if self.mix is not None:
             np.random.seed(int(seeds[0]) % (1 << 32) if seeds is not None else 0)
@@ -150,3 +155,45 @@ class DeviceNormalize:
                         self.erase(img)               # in place, on the view of image i
         finally:
             random.setstate(py_state)
+
+
+# ----------------------------------------------------------------------------------------
+# Several views per image (tasks' own transforms: MoBY's two views, BEiT's tokenizer view).
+
+
+def finish(img, mean, std, uint8: bool) -> torch.Tensor:
+    """The last step of every view: a PIL image to a uint8 ``(C, H, W)`` tensor (normalised
+    on the device, ``data.device_normalize``) or to a float tensor normalised here,
+    ``(x / 255 - mean) / std``."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    if x.ndim == 2:
+        x = x[:, :, None]
+    x = x.permute(2, 0, 1)
+    if uint8:
+        return x
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+class MultiView:
+    """Independently augmented views of one image, ``{key: transform(img)}``.
+
+    Each view's random draws come from its own seed, derived from the sample's (the input
+    pipeline seeds Python's, numpy's and torch's generators from (seed, epoch, index)
+    before calling the transform) and the view's position, so a view is the same whatever
+    the other views drew, the number of workers or where a run resumed."""
+
+    def __init__(self, views: dict):
+        self.views = dict(views)
+
+    def __call__(self, img) -> dict:
+        base = int(torch.randint(0, 2 ** 62, ()).item())
+        out = {}
+        for i, (key, t) in enumerate(self.views.items()):
+            seed = (base + 0x9E3779B97F4A7C15 * (i + 1)) % (1 << 63)
+            random.seed(seed)
+            np.random.seed(seed % (1 << 32))
+            torch.manual_seed(seed)
+            out[key] = t(img)
+        return out

@@ -16,7 +16,7 @@ biases without a key bias, and layer scale ``gamma_1`` / ``gamma_2`` (Touvron et
     norm | fc_norm, [head]
 
 The official ``relative_position_index`` buffers are not parameters here: they are a
-function of the patch grid (:func:`relative_position_index`).
+function of the patch grid (:func:`mim.nn.relpos.class_token_index`).
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ import ml_collections
 import torch
 
 from mim import nn
-from mim.models import swin, vit
+from mim.models import vit
 from mim.nn import init as I
+from mim.nn import relpos
 
-# Relative positions a (2G-1)^2 table cannot express: class token to patches, patches to
-# class token, class token to itself (BEiT's RelativePositionBias, the 3 last rows).
-NUM_EXTRA = 3
+# Rows for the class-token pairs (mim.nn.relpos.NUM_EXTRA).
+NUM_EXTRA = relpos.NUM_EXTRA
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
@@ -84,45 +84,21 @@ def grid_size(cfg) -> int:
 
 def num_relative_distance(grid: int) -> int:
     """Rows of a relative position bias table for a ``grid x grid`` patch grid."""
-    return (2 * grid - 1) ** 2 + NUM_EXTRA
+    return relpos.table_rows(grid, NUM_EXTRA)
 
 
 def grid_of_table(rows: int) -> int:
     """Patch grid side of a ``((2G-1)^2 + 3, heads)`` table."""
-    side = math.isqrt(rows - NUM_EXTRA)
-    if side * side != rows - NUM_EXTRA or side % 2 == 0:
-        raise ValueError(f"a relative position bias table with {rows} rows is not (2G-1)^2 + 3")
-    return (side + 1) // 2
+    return relpos.table_size(rows, NUM_EXTRA)
 
 
-# --------------------------------------------------------------------------- geometry
-
-
-def _beit_relative_position_index(grid: int, device) -> torch.Tensor:
-    n = grid * grid
-    inner = swin.relative_position_index(grid, device)      # patch pairs: (2G-1)^2 offsets
-    extra = (2 * grid - 1) ** 2
-    idx = torch.empty(n + 1, n + 1, dtype=inner.dtype, device=inner.device)
-    idx[1:, 1:] = inner
-    idx[0, :] = extra           # class token attending to a patch
-    idx[:, 0] = extra + 1       # a patch attending to the class token
-    idx[0, 0] = extra + 2       # class token to itself
-    return idx
-
-
-def relative_position_index(grid: int, device=None) -> torch.Tensor:
-    """``(G^2 + 1, G^2 + 1)`` index of each token pair (class token first) into a
-    relative position bias table; equals the official ``relative_position_index`` buffer.
-    Cached per (grid, device): do not modify it in place."""
-    # swin._cached keys on the function name: this one must differ from swin's.
-    return swin._cached(_beit_relative_position_index, grid, torch.device(device or "cpu"))
+# Re-exported for mim.checkpoints.beit, which reads the index under this name.
+relative_position_index = relpos.class_token_index
 
 
 def rel_pos_bias(table: torch.Tensor, grid: int) -> torch.Tensor:
     """``(1, heads, N, N)`` attention-logit bias from a table (BEiT Sec. 2.6)."""
-    n = grid * grid + 1
-    idx = relative_position_index(grid, table.device)
-    return table[idx.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    return relpos.lookup(table, relpos.class_token_index(grid, table.device))
 
 
 # --------------------------------------------------------------------------- init
@@ -267,21 +243,47 @@ def apply(p, x, cfg, train: bool = False, mask: Optional[torch.Tensor] = None,
     return logits, aux
 
 
-# --------------------------------------------------------------------------- optimisation
+# --------------------------------------------------------------------------- parameter facts
 
 
-def layer_id(name: str, depth: int) -> int:
+def no_weight_decay(cfg) -> tuple:
+    """Names exempt from weight decay beyond 1-D tensors: the reference's
+    ``no_weight_decay()`` = {pos_embed, cls_token} (BEiT ``modeling_finetune.py``, SimMIM
+    ``vision_transformer.py``). The relative position bias tables are decayed: BEiT exempts
+    them only behind a flag, and SimMIM's ``VisionTransformerForSimMIM`` does not add its
+    mask token either."""
+    del cfg
+    return (r"^pos_embed$", r"^cls_token$")
+
+
+def num_layers(cfg) -> int:
+    return cfg.depth
+
+
+def layer_id(name: str, cfg) -> int:
     """Layer index for layer-wise lr decay, as BEiT's ``get_layer_id_for_vit`` and SimMIM's
     ``get_vit_layer``: embeddings and tokens are layer 0, block i is layer i + 1, and the
     shared relative position bias sits with the head at depth + 1."""
     if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
         return 0
     if name.startswith("rel_pos_bias"):
-        return depth + 1
+        return cfg.depth + 1
     m = re.match(r"blocks\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
-    return depth + 1
+    return cfg.depth + 1
+
+
+def features(params, x, cfg, blocks: bool = False) -> dict:
+    """Encoder features without the head: ``pooled`` (B, C), the pre-logits as
+    :func:`apply` computes them (mean of patch tokens + ``fc_norm``, or the normed class
+    token), and with ``blocks`` every block's output tokens ``(B, 1 + G^2, C)``."""
+    body = {k: v for k, v in params.items() if k != "head"}
+    _, aux = apply(body, x, cfg, train=False, return_blocks=blocks)
+    out = {"pooled": aux["pre_logits"]}
+    if blocks:
+        out["blocks"] = aux["blocks"]
+    return out
 
 
 # --------------------------------------------------------------------------- resizing
@@ -289,23 +291,15 @@ def layer_id(name: str, depth: int) -> int:
 
 def resize_rel_pos_bias(table: torch.Tensor, dst_grid: int) -> torch.Tensor:
     """A ``((2G-1)^2 + 3, heads)`` table for another patch grid, as BEiT's and SimMIM's
-    ``load_pretrained`` (``remap_pretrained_keys_vit``): the (2G-1)^2 patch-pair part by the
-    geometric-progression bicubic spline of :func:`mim.checkpoints.swin.interpolate_rel_pos_bias`,
-    the 3 class-token rows kept as they are."""
-    from mim.checkpoints.swin import interpolate_rel_pos_bias
-
-    src_grid = grid_of_table(table.shape[0])
-    if src_grid == dst_grid:
-        return table
-    grid_part, extra = table[:-NUM_EXTRA], table[-NUM_EXTRA:]
-    grid_part = interpolate_rel_pos_bias(grid_part, src_grid, dst_grid).to(table.dtype)
-    return torch.cat([grid_part, extra.to(grid_part.device)], dim=0)
+    ``load_pretrained`` (``remap_pretrained_keys_vit``): :func:`mim.nn.relpos.resize` with
+    the 3 class-token rows kept."""
+    return relpos.resize(table, dst_grid, NUM_EXTRA)
 
 
 def official_buffers(cfg) -> dict:
     """The ``relative_position_index`` buffers the official module registers (persistent),
     by the name of the table they follow."""
-    idx = relative_position_index(grid_size(cfg))
+    idx = relpos.class_token_index(grid_size(cfg))
     out = {}
     if cfg.use_shared_rel_pos_bias:
         out["rel_pos_bias.relative_position_bias_table"] = (

@@ -275,3 +275,52 @@ def apply(params, imgs: torch.Tensor, noise: torch.Tensor, cfg, train: bool = Fa
     pred = forward_decoder(params, latent, ids_restore, cfg)
     value = loss(imgs, pred, mask, cfg.norm_pix_loss)
     return value, {"pred": pred, "mask": mask, "latent": latent, "ids_restore": ids_restore}
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter facts and encoder features.
+
+
+def no_weight_decay(cfg) -> tuple:
+    """None beyond 1-D tensors: main_pretrain.py uses timm's ``add_weight_decay`` with no
+    skip list, so ``cls_token`` and ``mask_token`` are decayed (the fixed position tables
+    are :data:`FROZEN`, not trained at all)."""
+    del cfg
+    return ()
+
+
+def num_layers(cfg) -> int:
+    return cfg.depth
+
+
+def layer_id(name: str, cfg) -> int:
+    """Layer index as MAE's ``util/lr_decay.get_layer_id_for_vit``: class token, position
+    table and patch embedding are 0, encoder block i is i + 1, everything else (final norm,
+    mask token, decoder) depth + 1."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return cfg.depth + 1
+
+
+def features(params, imgs: torch.Tensor, cfg, blocks: bool = False) -> dict:
+    """Encoder features of the whole (unmasked) image, without the decoder: ``pooled``
+    (B, D) is the class token after the final norm, what main_linprobe.py probes by
+    default (``global_pool=False``); with ``blocks`` every block's output tokens
+    ``(B, 1 + L, D)``."""
+    x = nn.patch_embed(params["patch_embed"], imgs, cfg.patch_size)
+    pos = params["pos_embed"].to(x.dtype)
+    if pos.shape[1] != x.shape[1] + 1:
+        raise ValueError(f"pos_embed has {pos.shape[1] - 1} patch positions, the input "
+                         f"{x.shape[1]} patches")
+    cls = (params["cls_token"].to(x.dtype) + pos[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x + pos[:, 1:]], dim=1)
+    feats = []
+    for i in range(cfg.depth):
+        x = nn.vit_block(params["blocks"][str(i)], x, cfg.num_heads, eps=cfg.norm_eps)
+        feats.append(x)
+    out = {"pooled": nn.layer_norm(params["norm"], x[:, 0], cfg.norm_eps)}
+    if blocks:
+        out["blocks"] = feats
+    return out

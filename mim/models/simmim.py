@@ -158,3 +158,45 @@ def apply(p, x, cfg, train: bool = False, mask: Optional[torch.Tensor] = None):
     x_rec = decode(p["decoder"], z, cfg)
     loss = reconstruction_loss(x, x_rec, mask, patch_size(cfg))
     return loss, {"reconstruction": x_rec, "features": z}
+
+
+# --------------------------------------------------------------------------- parameter facts
+
+
+def _encoder_module(cfg):
+    return swin if cfg.encoder.name == "swin" else beit
+
+
+def _under_encoder(pattern: str) -> str:
+    # SimMIM.no_weight_decay() / no_weight_decay_keywords() prefix the encoder's names AND
+    # keywords with "encoder." (models/simmim.py), and build_pretrain_optimizer tests a
+    # keyword by substring: "encoder.relative_position_bias_table" is in no parameter name,
+    # so the reference decays the Swin tables while pretraining. Kept exactly.
+    return r"^encoder\." + pattern[1:] if pattern.startswith("^") else r"encoder\." + pattern
+
+
+def no_weight_decay(cfg) -> tuple:
+    """The encoder's exemptions under ``encoder.``, as the reference's
+    ``build_pretrain_optimizer`` reads ``SimMIM.no_weight_decay()`` and
+    ``no_weight_decay_keywords()``. Swin: absolute position embedding and mask token (its
+    ``relative_position_bias_table`` keyword becomes ``encoder.relative_position_bias_table``,
+    which matches nothing: the tables are decayed, as in the reference); ViT: ``pos_embed``
+    and ``cls_token`` only (``VisionTransformerForSimMIM`` does not add its mask token, so
+    it is decayed)."""
+    return tuple(_under_encoder(p) for p in _encoder_module(cfg).no_weight_decay(cfg.encoder))
+
+
+def num_layers(cfg) -> int:
+    return _encoder_module(cfg).num_layers(cfg.encoder)
+
+
+def layer_id(name: str, cfg) -> int:
+    """The encoder's layer ids for ``encoder.*``; the decoder sits at the top."""
+    if name.startswith("encoder."):
+        return _encoder_module(cfg).layer_id(name[len("encoder."):], cfg.encoder)
+    return num_layers(cfg) + 1
+
+
+def features(params, x, cfg, blocks: bool = False) -> dict:
+    """The encoder's :func:`features` on the unmasked image (no decoder)."""
+    return _encoder_module(cfg).features(params["encoder"], x, cfg.encoder, blocks)

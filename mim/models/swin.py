@@ -16,6 +16,7 @@ import torch
 
 from mim import nn
 from mim.nn import init as I
+from mim.nn import relpos
 
 # Value the official code adds to logits between tokens from different regions of a
 # shifted window (not -inf: the reference's softmax sees -100, and so must ours).
@@ -74,20 +75,6 @@ def stride(cfg) -> int:
 # --------------------------------------------------------------------------- geometry
 
 
-_CACHE: dict = {}
-
-
-def _cached(fn, *key):
-    """Eager calls reuse the buffers per (shape, device); under torch.compile they are
-    traced (and constant-folded) instead, since Dynamo cannot guard on a cache."""
-    if torch.compiler.is_compiling():
-        return fn(*key)
-    k = (fn.__name__,) + key
-    if k not in _CACHE:
-        _CACHE[k] = fn(*key)
-    return _CACHE[k]
-
-
 def window_and_shift(resolution: Tuple[int, int], window: int) -> Tuple[int, int]:
     """Window and shift for a stage: when the feature map is no larger than the window,
     one window covers it and shifting would change nothing (official ``SwinTransformerBlock``
@@ -121,21 +108,6 @@ def stage_geometry(cfg, height: int, width: int) -> List[Tuple[int, int, int, in
     return out
 
 
-def _relative_position_index(window: int, device) -> torch.Tensor:
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = coords.flatten(1)                                  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), shifted to >= 0
-    # Row-major index into the (2W-1) x (2W-1) table (Liu et al. 2021 Sec. 3.2, eq. 4).
-    return (rel[0] * (2 * window - 1) + rel[1]).to(device)
-
-
-def relative_position_index(window: int, device=None) -> torch.Tensor:
-    """``(N, N)`` index of each token pair into ``relative_position_bias_table``; equals the
-    official ``relative_position_index`` buffer. Cached per (window, device): do not
-    modify it in place."""
-    return _cached(_relative_position_index, window, torch.device(device or "cpu"))
-
-
 def _shift_attn_mask(H: int, W: int, window: int, shift: int, device) -> torch.Tensor:
     def labels(n):
         # Three bands after the cyclic shift: untouched, last window before the wrap,
@@ -154,7 +126,7 @@ def shift_attn_mask(H: int, W: int, window: int, shift: int, device=None) -> tor
     """``(num_windows, N, N)`` additive mask keeping attention inside each sub-window of a
     cyclically shifted window; equals the official ``attn_mask`` buffer. Cached per
     (shape, device): do not modify it in place."""
-    return _cached(_shift_attn_mask, H, W, window, shift, torch.device(device or "cpu"))
+    return relpos.cached(_shift_attn_mask, H, W, window, shift, torch.device(device or "cpu"))
 
 
 # --------------------------------------------------------------------------- init
@@ -175,7 +147,7 @@ def _block_init(gen, dim, heads, window, cfg):
     return {
         "norm1": I.norm(dim),
         "attn": {
-            "relative_position_bias_table": I.trunc_normal(((2 * window - 1) ** 2, heads), 0.02, gen),
+            "relative_position_bias_table": I.trunc_normal((relpos.table_rows(window), heads), 0.02, gen),
             "qkv": I.linear(dim, 3 * dim, gen, bias=cfg.qkv_bias),
             "proj": I.linear(dim, dim, gen),
         },
@@ -233,19 +205,17 @@ def window_merge(x: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
 
 def window_attn_bias(table: torch.Tensor, H: int, W: int, window: int, shift: int,
                      batch: int) -> torch.Tensor:
-    """Additive attention bias: relative position bias ``(heads, N, N)``, plus the
+    """Additive attention bias: relative position bias ``(1, heads, N, N)``, plus the
     shifted-window mask when ``shift > 0``, expanded to ``(batch * num_windows, heads, N, N)``."""
-    N = window * window
-    if table.shape[0] != (2 * window - 1) ** 2:
+    if table.shape[0] != relpos.table_rows(window):
         raise ValueError(
             f"relative_position_bias_table has {table.shape[0]} rows, window {window} needs "
-            f"{(2 * window - 1) ** 2}; interpolate it (mim.checkpoints.swin.interpolate_rel_pos_bias)")
-    index = relative_position_index(window, table.device)
-    bias = table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)   # (heads, N, N)
+            f"{relpos.table_rows(window)}; resize it (mim.nn.relpos.resize)")
+    bias = relpos.lookup(table, relpos.window_index(window, table.device))  # (1, heads, N, N)
     if not shift:
         return bias
     mask = shift_attn_mask(H, W, window, shift, table.device).to(bias.dtype)
-    bias = bias.unsqueeze(0) + mask.unsqueeze(1)                    # (nW, heads, N, N)
+    bias = bias + mask.unsqueeze(1)                                 # (nW, heads, N, N)
     return bias.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(-1, *bias.shape[1:])
 
 
@@ -337,13 +307,27 @@ def apply(p, x, cfg, train: bool = False, mask: Optional[torch.Tensor] = None,
     return logits, aux
 
 
-# --------------------------------------------------------------------------- lr decay
+# --------------------------------------------------------------------------- parameter facts
+
+
+def no_weight_decay(cfg) -> tuple:
+    """Names exempt from weight decay beyond 1-D tensors: the official
+    ``no_weight_decay()`` = {absolute_pos_embed} and ``no_weight_decay_keywords()`` =
+    {relative_position_bias_table}, plus SimMIM's ``mask_token``
+    (``SwinTransformerForSimMIM.no_weight_decay``)."""
+    del cfg
+    return (r"^absolute_pos_embed$", r"^mask_token$", r"relative_position_bias_table")
+
+
+def num_layers(cfg) -> int:
+    """Blocks over all stages; layer ids run 0..num_layers + 1 (SimMIM's
+    ``build_finetune_optimizer`` uses ``sum(depths) + 2`` groups)."""
+    return sum(cfg.depths)
 
 
 def num_layer_ids(cfg) -> int:
-    """Number of layer-decay groups: embeddings, one per block, and the top (SimMIM
-    ``build_finetune_optimizer`` uses ``sum(depths) + 2``)."""
-    return sum(cfg.depths) + 2
+    """Layer-decay groups, ``num_layers + 2``; kept for mim.models.moby, which reads it."""
+    return num_layers(cfg) + 2
 
 
 def layer_id(name: str, cfg) -> int:
@@ -359,4 +343,16 @@ def layer_id(name: str, cfg) -> int:
         if sub in ("reduction", "norm"):
             return sum(cfg.depths[:stage + 1])
         return sum(cfg.depths[:stage]) + int(sub) + 1
-    return num_layer_ids(cfg) - 1
+    return num_layers(cfg) + 1
+
+
+def features(params, x, cfg, blocks: bool = False) -> dict:
+    """Encoder features without the head: ``pooled`` (B, C), the mean of the final-normed
+    tokens (the pre-logits), and with ``blocks`` each stage's output before its patch
+    merging as tokens ``(B, H_i * W_i, C_i)``."""
+    body = {k: v for k, v in params.items() if k != "head"}
+    _, aux = apply(body, x, cfg, train=False)
+    out = {"pooled": aux["pre_logits"]}
+    if blocks:
+        out["blocks"] = [s.flatten(2).transpose(1, 2) for s in aux["stages"]]
+    return out

@@ -139,15 +139,39 @@ def drop_path_rates(cfg):
     return [cfg.drop_path_rate * i / (cfg.depth - 1) for i in range(cfg.depth)]
 
 
-def layer_id(name: str, depth: int) -> int:
-    """Layer index for layer-wise lr decay (Clark et al. 2020; BEiT, MAE): embeddings are
-    layer 0, block i is layer i + 1, everything after the blocks is layer depth + 1."""
+def no_weight_decay(cfg) -> tuple:
+    """Names exempt from weight decay beyond 1-D tensors: timm's and MAE's
+    ``VisionTransformer.no_weight_decay()`` = {pos_embed, cls_token, dist_token}."""
+    del cfg
+    return (r"^pos_embed$", r"^cls_token$", r"^dist_token$")
+
+
+def num_layers(cfg) -> int:
+    return cfg.depth
+
+
+def layer_id(name: str, cfg) -> int:
+    """Layer index for layer-wise lr decay (Clark et al. 2020; BEiT, MAE ``lr_decay.py``):
+    embeddings are layer 0, block i is layer i + 1, everything after the blocks is layer
+    depth + 1."""
     if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed"):
         return 0
     m = re.match(r"blocks\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
-    return depth + 1
+    return cfg.depth + 1
+
+
+def features(params, x, cfg, blocks: bool = False) -> dict:
+    """Encoder features without the head: ``pooled`` (B, C), the pre-logits as
+    :func:`apply` computes them, and with ``blocks`` every block's output tokens
+    ``(B, prefix + L, C)`` (before the final norm)."""
+    body = {k: v for k, v in params.items() if k != "head"}
+    _, aux = apply(body, x, cfg, train=False, return_blocks=blocks)
+    out = {"pooled": aux["pre_logits"]}
+    if blocks:
+        out["blocks"] = aux["blocks"]
+    return out
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix: int = 1) -> torch.Tensor:

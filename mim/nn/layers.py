@@ -51,8 +51,12 @@ def attention(p, x, heads: int, attn_bias: Optional[torch.Tensor] = None,
     q, k, v = (t.view(B, N, heads, C // heads).transpose(1, 2) for t in qkv.split(C, dim=-1))
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                         dropout_p=attn_drop if train else 0.0)
+    # q, k, v already have the compute dtype. Autocast is left off around the kernel: under
+    # torch.func.grad with autocast, the CPU backward of a trainable bias (relative position
+    # tables) fails with "expected scalar type Float but found BFloat16" (torch 2.14).
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                             dropout_p=attn_drop if train else 0.0)
     out = out.transpose(1, 2).reshape(B, N, C)
     return linear(p["proj"], out)
 

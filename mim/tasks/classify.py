@@ -6,17 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mim.models import beit, swin, vit
-from mim.tasks import ParamRules
-
-MODELS = {"vit": vit, "swin": swin, "beit": beit}
+from mim import models
+from mim.tasks import ParamRules, model_rules
 
 
 def model(config):
-    name = config.model.get("name", "vit")
-    if name not in MODELS:
-        raise ValueError(f"config.model.name={name!r}: must be one of {sorted(MODELS)}")
-    return MODELS[name]
+    """The backbone module that ``config.model.name`` names (:data:`mim.models.REGISTRY`)."""
+    return models.get(config.model.get("name", "vit"))
 
 
 def init(config, gen: torch.Generator):
@@ -31,7 +27,7 @@ def cross_entropy(logits, batch, label_smoothing: float):
     return F.cross_entropy(logits.float(), batch["label"], label_smoothing=label_smoothing)
 
 
-def loss(params, model_state, batch, config, train: bool):
+def loss(params, model_state, batch, config, train: bool, frozen=None):
     logits, _ = model(config).apply(params, batch["image"], config.model, train=train)
     value = cross_entropy(logits, batch, config.data.label_smoothing)
     metrics = {}
@@ -47,7 +43,7 @@ def topk_correct(logits, labels, ks=(1, 5)):
     return {f"correct{kk}": hit[:, :min(kk, k)].any(-1).sum() for kk in ks}
 
 
-def evaluate(params, model_state, batch, config):
+def evaluate(params, model_state, batch, config, frozen=None):
     logits, _ = model(config).apply(params, batch["image"], config.model, train=False)
     out = topk_correct(logits, batch["label"])
     out["loss_sum"] = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
@@ -56,21 +52,8 @@ def evaluate(params, model_state, batch, config):
 
 
 def param_rules(config) -> ParamRules:
-    m = config.model
-    if model(config) is swin:
-        # SimMIM fine-tuning: no decay on the absolute position embedding and the
-        # relative position bias tables; layer ids as its get_swin_layer.
-        return ParamRules(num_layers=sum(m.depths), layer_id=lambda n: swin.layer_id(n, m),
-                          no_decay=("absolute_pos_embed", "relative_position_bias_table"))
-    if model(config) is beit:
-        # SimMIM's ViT fine-tuning (optimizer.py): no decay on 1-D tensors and on the
-        # model's no_weight_decay() = {pos_embed, cls_token}; the relative position bias
-        # tables are decayed (BEiT only exempts them behind a flag). Layer ids as
-        # get_vit_layer, the shared table with the head.
-        return ParamRules(num_layers=m.depth, layer_id=lambda n: beit.layer_id(n, m.depth),
-                          no_decay=(r"^pos_embed$", r"^cls_token$"))
-    return ParamRules(num_layers=m.depth, layer_id=lambda n: vit.layer_id(n, m.depth),
-                      no_decay=("pos_embed", "cls_token", "dist_token"))
+    """The backbone's own rules: its weight-decay exemptions and layer ids."""
+    return model_rules(config.model)
 
 
 def batch_extras(gen, config):

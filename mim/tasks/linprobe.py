@@ -1,45 +1,98 @@
-"""Linear probing of a frozen ViT encoder, as MAE's main_linprobe.py (He et al. 2022,
-Sec. 4 and A.2, following MoCo v3): the encoder's pre-logits (class token after the
-final norm by default, ``--cls_token``) go through a parameter-free BatchNorm and one
-linear layer; only that layer is trained (LARS in the recipe).
+"""Linear probing of a frozen encoder: any backbone mim builds (``config.model.name``:
+ViT, BEiT-style ViT, Swin), features from its ``features`` function
+(:mod:`mim.models`), only the linear classifier trained.
 
-Names follow the reference's ``head = Sequential(BatchNorm1d(affine=False), Linear)``:
-the linear layer is ``head.1.*`` in ``params`` and the batch-norm statistics are
-``head.0.running_mean / running_var / num_batches_tracked`` in ``model_state``, so the
-flat union of both is the official linear-probe state_dict.
+``config.probe.features`` says what the classifier reads:
+
+- ``"pooled"``: the encoder's pooled features (its pre-logits: the class token after the
+  final norm for MAE's ``--cls_token``, the mean of the final tokens for Swin / MoBY).
+  With ``config.probe.batch_norm`` (MAE's main_linprobe.py, following MoCo v3) they pass a
+  parameter-free BatchNorm first, and the names follow the reference's
+  ``head = Sequential(BatchNorm1d(affine=False), Linear)``: the linear layer is
+  ``head.1.*`` in ``params``, the statistics ``head.0.*`` in ``model_state``, so their flat
+  union is the official linear-probe state_dict. Without it the classifier is ``head.*``,
+  the backbone's own head (MoBY's ``moby_linear.py`` trains the Swin ``head``).
+- ``"blocks"``: one linear classifier per block on concat(class token, mean of the patch
+  tokens) of that block's output, all trained together on the sum of their losses, as
+  BEiT's run_linear_eval.py (``LinearClassifier``: ``linear.<i>.*``, weights
+  normal(0, 0.01)); evaluation reports every block and the best.
 """
 from __future__ import annotations
 
+import ml_collections
 import torch
 import torch.nn.functional as F
 
-from mim.models import vit
+from mim import models
+from mim.config import ConfigError
 from mim.nn import init as I
 from mim.tasks import ParamRules, classify
 
 # BatchNorm1d(affine=False, eps=1e-6) with torch's default momentum (main_linprobe.py).
 BN_EPS, BN_MOMENTUM = 1e-6, 0.1
+FEATURES = ("pooled", "blocks")
 
 
-def encoder_config(config):
-    """The vit config of the frozen encoder: ``config.model`` without a head."""
+def probe_config(features: str = "pooled", batch_norm: bool = False) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(features=features, batch_norm=batch_norm))
+
+
+def _probe(config):
+    if "probe" not in config:
+        raise ConfigError("config.probe: the linprobe task needs config.probe "
+                          "(mim.tasks.linprobe.probe_config: features, batch_norm)")
+    p = config.probe
+    if p.features not in FEATURES:
+        raise ConfigError(f"config.probe.features: {p.features!r} is not one of {FEATURES}")
+    if p.features == "blocks" and p.batch_norm:
+        raise ConfigError("config.probe.batch_norm: per-block probes (features='blocks') have no "
+                          "BatchNorm, as BEiT's run_linear_eval.py")
+    if p.features == "blocks" and config.model.get("name", "vit") == "swin":
+        raise ConfigError("config.probe.features: 'blocks' reads a class token; Swin has none "
+                          "(use 'pooled')")
+    return p
+
+
+def encoder(config):
+    """The backbone module and its config without a head."""
     cfg = config.model.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.num_classes = 0
-    return cfg
+    return models.get(cfg.get("name", "vit")), cfg
+
+
+def num_blocks(cfg) -> int:
+    return sum(cfg.depths) if "depths" in cfg else cfg.depth
+
+
+def feature_dim(module, cfg, features: str) -> int:
+    if features == "blocks":
+        return 2 * cfg.embed_dim
+    return module.num_features(cfg) if hasattr(module, "num_features") else cfg.embed_dim
 
 
 def init(config, gen: torch.Generator):
-    cfg = config.model
-    params = vit.init(gen, encoder_config(config))
-    # trunc_normal(std=0.01) weight, zero bias: "manually initialize fc layer: following
-    # MoCo v3" in the reference (head_init_std = 0.01 in the recipe's config).
-    params["head"] = {"1": I.linear(cfg.embed_dim, cfg.num_classes, gen, std=cfg.head_init_std)}
-    bn = {"running_mean": torch.zeros(cfg.embed_dim), "running_var": torch.ones(cfg.embed_dim),
-          "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
-    model_state = {"head": {"0": bn}}
-    if config.init.checkpoint and config.init.format == "mae":
-        model_state = _probe_statistics(config.init.checkpoint, model_state)
+    probe = _probe(config)
+    module, cfg = encoder(config)
+    params = module.init(gen, cfg)
+    n, dim = config.model.num_classes, feature_dim(module, cfg, probe.features)
+    std = config.model.get("head_init_std", 0.01)
+    model_state = {}
+    if probe.features == "blocks":
+        # LinearClassifier: weight normal(0, 0.01), bias 0 (run_linear_eval.py).
+        params["linear"] = {str(i): {"weight": I.normal((n, dim), std, gen), "bias": I.zeros((n,))}
+                            for i in range(num_blocks(cfg))}
+    elif probe.batch_norm:
+        # trunc_normal(std=0.01) weight, zero bias: "manually initialize fc layer: following
+        # MoCo v3" in MAE's reference (head_init_std = 0.01 in the recipe's config).
+        params["head"] = {"1": I.linear(dim, n, gen, std=std)}
+        bn = {"running_mean": torch.zeros(dim), "running_var": torch.ones(dim),
+              "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
+        model_state = {"head": {"0": bn}}
+        if config.init.checkpoint and config.init.format == "mae":
+            model_state = _probe_statistics(config.init.checkpoint, model_state)
+    else:
+        params["head"] = I.linear(dim, n, gen, std=std)
     return params, model_state
 
 
@@ -47,9 +100,9 @@ def _probe_statistics(path, model_state):
     """Batch-norm statistics of a linear-probe checkpoint (official, or a mim linprobe
     run), so that evaluating one needs no retraining; any other checkpoint leaves the
     BatchNorm defaults."""
-    from mim.checkpoints import mae as mae_ckpt
+    from mim.checkpoints import weights
 
-    src = mae_ckpt.read_source(path, include_model_state=True)
+    src = weights.read_source(path, include_model_state=True)
     bn = model_state["head"]["0"]
     names = {k: f"head.0.{k}" for k in bn}
     if all(n in src and src[n].shape == bn[k].shape for k, n in names.items()):
@@ -77,44 +130,77 @@ def batch_norm(stats: dict, x: torch.Tensor, train: bool):
 
 
 def features(params, images, config):
-    """Frozen encoder pre-logits. No gradient flows into the encoder, so its forward is
-    not recorded for backward (saves the activations' memory)."""
-    encoder = {k: v for k, v in params.items() if k != "head"}
-    images = images.to(encoder["patch_embed"]["proj"]["weight"].dtype)
+    """What the classifier(s) read: a list of ``(B, D)`` features, one per classifier.
+    No gradient flows into the frozen encoder, so its forward is not recorded for
+    backward (saves the activations' memory)."""
+    module, cfg = encoder(config)
+    enc = {k: v for k, v in params.items() if k not in ("head", "linear")}
+    blocks = config.probe.features == "blocks"
     with torch.no_grad():
-        _, aux = vit.apply(encoder, images, encoder_config(config), train=False)
-    return aux["pre_logits"]
+        out = module.features(enc, images, cfg, blocks=blocks)
+    if not blocks:
+        return [out["pooled"]]
+    return [torch.cat([b[:, 0], b[:, 1:].mean(1)], dim=-1).float() for b in out["blocks"]]
 
 
 def logits_and_state(params, model_state, images, config, train: bool):
-    x = features(params, images, config)
-    x, bn = batch_norm(model_state["head"]["0"], x, train)
-    head = params["head"]["1"]
-    logits = F.linear(x.to(head["weight"].dtype), head["weight"], head["bias"])
-    return logits, {"head": {"0": bn}}
+    """A list of logits, one per classifier, and the new model state."""
+    feats = features(params, images, config)
+    if config.probe.features == "blocks":
+        heads = [params["linear"][str(i)] for i in range(len(feats))]
+        return [F.linear(x.to(h["weight"].dtype), h["weight"], h["bias"]) for x, h in zip(feats, heads)], model_state
+    x = feats[0]
+    if config.probe.batch_norm:
+        x, bn = batch_norm(model_state["head"]["0"], x, train)
+        head, model_state = params["head"]["1"], {"head": {"0": bn}}
+    else:
+        head = params["head"]
+    return [F.linear(x.to(head["weight"].dtype), head["weight"], head["bias"])], model_state
 
 
-def loss(params, model_state, batch, config, train: bool):
+def loss(params, model_state, batch, config, train: bool, frozen=None):
     logits, model_state = logits_and_state(params, model_state, batch["image"], config, train)
-    value = F.cross_entropy(logits.float(), batch["label"])
-    metrics = {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}
+    # The sum over the per-block classifiers (run_linear_eval.py); one term otherwise.
+    value = sum(F.cross_entropy(z.float(), batch["label"]) for z in logits)
+    metrics = {"accuracy": (logits[-1].argmax(-1) == batch["label"]).float().mean()}
     return value, (model_state, metrics)
 
 
-def evaluate(params, model_state, batch, config):
+def evaluate(params, model_state, batch, config, frozen=None):
     logits, _ = logits_and_state(params, model_state, batch["image"], config, train=False)
-    out = classify.topk_correct(logits, batch["label"])
-    out["loss_sum"] = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
-    out["count"] = torch.tensor(batch["label"].shape[0], device=logits.device)
+    label = batch["label"]
+    out = {"count": torch.tensor(label.shape[0], device=label.device)}
+    for i, z in enumerate(logits):
+        suffix = f"_block{i}" if config.probe.features == "blocks" else ""
+        for k, v in classify.topk_correct(z, label).items():
+            out[k + suffix] = v
+        out["loss_sum" + suffix] = F.cross_entropy(z.float(), label, reduction="sum")
+    return out
+
+
+def summarize(sums):
+    """acc1 / acc5 / loss; per-block probes report each block and the best (by top-1)."""
+    n = max(sums.get("count", 0), 1)
+    out = {"count": int(sums.get("count", 0))}
+    blocks = sorted(int(k[len("correct1_block"):]) for k in sums if k.startswith("correct1_block"))
+    suffixes = [f"_block{i}" for i in blocks] or [""]
+    for s in suffixes:
+        out["acc1" + s] = 100.0 * sums["correct1" + s] / n
+        out["acc5" + s] = 100.0 * sums["correct5" + s] / n
+        out["loss" + s] = sums["loss_sum" + s] / n
+    if blocks:
+        best = max(blocks, key=lambda i: out[f"acc1_block{i}"])
+        out.update(best_block=best, acc1=out[f"acc1_block{best}"], acc5=out[f"acc5_block{best}"],
+                   loss=out[f"loss_block{best}"])
     return out
 
 
 def param_rules(config) -> ParamRules:
-    """Everything but the linear head is frozen (the reference sets requires_grad=False
-    on all but ``model.head``). LARS exempts 1-D tensors from weight decay itself."""
-    return ParamRules(frozen=(r"^(?!head\.)",))
+    """Everything but the classifier(s) is frozen (the references set requires_grad=False
+    on all but ``model.head`` / train only the ``LinearClassifier``). LARS exempts 1-D
+    tensors from weight decay itself."""
+    return ParamRules(frozen=(r"^(?!head\.|linear\.)",))
 
 
 def batch_extras(gen, config):
     return {}
-

@@ -12,7 +12,7 @@ import torch
 
 from mim import visualize
 from mim.models import mae
-from mim.tasks import ParamRules
+from mim.tasks import ParamRules, model_rules
 
 
 
@@ -20,18 +20,13 @@ def init(config, gen: torch.Generator):
     return mae.init(gen, config.model), {}
 
 
-def _images(params, batch):
-    # Under the bf16/fp16 "O2" policies the parameters are low precision; match them.
-    return batch["image"].to(params["patch_embed"]["proj"]["weight"].dtype)
-
-
-def loss(params, model_state, batch, config, train: bool):
-    value, _ = mae.apply(params, _images(params, batch), batch["noise"], config.model, train=train)
+def loss(params, model_state, batch, config, train: bool, frozen=None):
+    value, _ = mae.apply(params, batch["image"], batch["noise"], config.model, train=train)
     return value, (model_state, {})
 
 
-def evaluate(params, model_state, batch, config):
-    value, aux = mae.apply(params, _images(params, batch), batch["noise"], config.model)
+def evaluate(params, model_state, batch, config, frozen=None):
+    value, aux = mae.apply(params, batch["image"], batch["noise"], config.model)
     masked = aux["mask"].sum()
     # Sums, so that the mean over the split weights every masked patch equally.
     return {"loss_sum": value.double() * masked, "masked_patches": masked,
@@ -43,11 +38,10 @@ def summarize(sums):
 
 
 def param_rules(config) -> ParamRules:
-    """As main_pretrain.py: weight decay on every matrix (timm's add_weight_decay skips
-    only 1-D tensors, i.e. biases and norms; cls_token and mask_token are decayed), no
-    layer decay, and the fixed sin-cos tables never trained (Sec. A.1). Anchored, so that
-    no other name containing "pos_embed" is frozen."""
-    return ParamRules(no_decay=(), frozen=tuple(rf"^{name}$" for name in mae.FROZEN))
+    """The model's rules (:func:`mim.models.mae.no_weight_decay`: main_pretrain.py decays
+    every matrix), and the fixed sin-cos tables never trained (Sec. A.1). Anchored, so
+    that no other name containing "pos_embed" is frozen."""
+    return model_rules(config.model, frozen=tuple(rf"^{name}$" for name in mae.FROZEN))
 
 
 def batch_extras(gen: torch.Generator, config):

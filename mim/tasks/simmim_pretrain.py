@@ -18,7 +18,7 @@ from mim import visualize
 from mim.config import ConfigError
 from mim.data import masks
 from mim.models import simmim
-from mim.tasks import ParamRules
+from mim.tasks import ParamRules, model_rules
 
 
 
@@ -51,21 +51,16 @@ def init(config, gen: torch.Generator):
     return simmim.init(gen, config.model), {}
 
 
-def _images(params, batch):
-    # Under the bf16/fp16 "O2" policies the parameters are low precision; match them.
-    return batch["image"].to(params["encoder"]["patch_embed"]["proj"]["weight"].dtype)
-
-
-def loss(params, model_state, batch, config, train: bool):
-    value, _ = simmim.apply(params, _images(params, batch), config.model, train=train,
+def loss(params, model_state, batch, config, train: bool, frozen=None):
+    value, _ = simmim.apply(params, batch["image"], config.model, train=train,
                             mask=batch["mask"])
     return value, (model_state, {})
 
 
-def evaluate(params, model_state, batch, config):
+def evaluate(params, model_state, batch, config, frozen=None):
     """Sums of the L1 over masked pixels (per channel) and of masked pixel positions, so
     the split's loss weights every masked pixel equally whatever the batch split."""
-    x = _images(params, batch)
+    x = batch["image"]
     _, aux = simmim.apply(params, x, config.model, mask=batch["mask"])
     m = simmim.pixel_mask(batch["mask"], simmim.patch_size(config.model)).to(torch.float32)
     l1 = (x.float() - aux["reconstruction"].float()).abs()
@@ -78,17 +73,10 @@ def summarize(sums):
 
 
 def param_rules(config) -> ParamRules:
-    """As the reference's ``build_pretrain_optimizer``: no weight decay on 1-D tensors and
-    biases, on the encoder's ``no_weight_decay()`` names and ``no_weight_decay_keywords()``.
-    Swin: ``absolute_pos_embed``, ``mask_token`` and every ``relative_position_bias_table``.
-    ViT: ``pos_embed`` and ``cls_token`` only (``VisionTransformerForSimMIM`` does not add its
-    mask token, so it is decayed). No layer decay while pretraining."""
-    if config.model.encoder.name == "swin":
-        skip = (r"^encoder\.absolute_pos_embed$", r"^encoder\.mask_token$",
-                r"relative_position_bias_table")
-    else:
-        skip = (r"^encoder\.pos_embed$", r"^encoder\.cls_token$")
-    return ParamRules(no_decay=skip)
+    """The model's rules (:func:`mim.models.simmim.no_weight_decay`: the reference's
+    ``build_pretrain_optimizer`` exemptions); no layer decay while pretraining."""
+    r = model_rules(config.model)
+    return ParamRules(no_decay=r.no_decay)
 
 
 def mask_for(gen: torch.Generator, config) -> torch.Tensor:

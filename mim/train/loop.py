@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -15,10 +14,12 @@ import torch.distributed as dist
 
 from mim import backend as backend_lib
 from mim import config as config_lib
-from mim import optim, tasks, tree
+from mim import checkpoints, optim, tasks, tree
 from mim.checkpoints import io as ckpt
 from mim.checkpoints import weights
 from mim.data import pipeline
+from mim.train import frozen as frozen_lib
+from mim.train import knn
 from mim.train import metrics as metrics_lib
 from mim.train import sharding as sharding_lib
 from mim.train import step as step_lib
@@ -86,6 +87,36 @@ class Setup:
             torch.use_deterministic_algorithms(True)
         self.task = tasks.get(config.task)
         self.ckpt_root = os.path.join(workdir, "checkpoints")
+        self._frozen = None
+
+    @property
+    def frozen(self) -> dict:
+        """The task's frozen networks on the device, loaded on first use."""
+        if self._frozen is None:
+            self._frozen = frozen_lib.load(self.task, self.config, self.be)
+        return self._frozen[0]
+
+    @property
+    def frozen_record(self) -> dict:
+        self.frozen  # noqa: B018 - loads them
+        return self._frozen[1]
+
+    def input_keys(self, train: bool = True):
+        return tuple(tasks.image_keys(self.task, self.config, train))
+
+    def loss_fn(self):
+        c, task, frozen = self.config, self.task, self.frozen
+        return lambda p, s, b, t: task.loss(p, s, b, c, t, frozen)
+
+    def state_hooks(self, total_steps: int) -> dict:
+        """The task's once-per-optimizer-step state updates, bound to the run."""
+        c, task = self.config, self.task
+        out = {}
+        for when in ("before", "after"):
+            fn = getattr(task, f"update_state_{when}_step", None)
+            if fn is not None:
+                out[f"{when}_step"] = (lambda f: lambda p, s, k: f(p, s, k, total_steps, c))(fn)
+        return out
 
     def init_params(self):
         c = self.config
@@ -113,10 +144,11 @@ class Setup:
         opt = optim.create(c.optim.name, c.optim)
         shard = sharding_lib.create(c.sharding, trainable, be)
         state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard)
-        fns = step_lib.build(lambda p, s, b, t: task.loss(p, s, b, c, t), opt, groups,
+        fns = step_lib.build(self.loss_fn(), opt, groups,
                              schedule_for(c, total_steps, steps_per_epoch), be,
                              grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
-                             sharding=shard, cuda_graphs=c.cuda_graphs)
+                             sharding=shard, cuda_graphs=c.cuda_graphs,
+                             input_keys=self.input_keys(), **self.state_hooks(total_steps))
         return Built(state, fns, groups, trainable, opt, shard)
 
     def load_init(self, params):
@@ -126,8 +158,7 @@ class Setup:
         if c.init.format == "mim":
             return weights.merge_into(params, weights.mim_params(c.init.checkpoint),
                                       source=c.init.checkpoint)
-        module = importlib.import_module(config_lib.INIT_FORMATS[c.init.format])
-        return module.load_for_finetune(params, c.init.checkpoint, c.model)
+        return checkpoints.get(c.init.format).load_for_finetune(params, c.init.checkpoint, c.model)
 
 
 def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]:
@@ -135,11 +166,14 @@ def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]
     if loader is None:
         loader, _ = pipeline.eval_loader(c, be, task)
     sums: Dict[str, torch.Tensor] = {}
+    views = tasks.image_keys(task, c, train=False)
+    keys = tuple(views)
     with torch.no_grad():
         for batch in loader:
-            batch = pipeline.to_device(batch, be.device, c.data, train=False)
+            batch = pipeline.to_device(batch, be.device, c.data, train=False, views=views)
+            batch = be.cast_inputs(batch, keys)
             with be.autocast():
-                out = task.evaluate(params, model_state, batch, c)
+                out = task.evaluate(params, model_state, batch, c, setup.frozen)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.double()
     names = sorted(sums)
@@ -195,6 +229,7 @@ def train(config, workdir: str) -> Dict[str, float]:
             raise ckpt.CheckpointError(
                 f"{path} was written by another experiment (task/model differ); "
                 f"use a new --workdir")
+        frozen_lib.check_resume(meta.get("frozen_networks"), setup.frozen_record, path)
         # Checkpoints hold the whole state: any number of ranks, sharded or not, resumes.
         (shard.restore_into if shard is not None else ckpt.restore_into)(state, path)
         start = meta["step"]
@@ -230,6 +265,7 @@ def train(config, workdir: str) -> Dict[str, float]:
         if be.is_main:
             ckpt.save(setup.ckpt_root, step_done, whole,
                       {"fingerprint": fingerprint(c), "epoch": step_done / steps_per_epoch,
+                       "frozen_networks": setup.frozen_record,
                        "data_position": {"step": step_done, "steps_per_epoch": steps_per_epoch},
                        "seed": c.seed, "config": json.loads(c.to_json_best_effort())},
                       c.keep_checkpoints)
@@ -248,9 +284,10 @@ def train(config, workdir: str) -> Dict[str, float]:
     step_i = start
     t_data = time.perf_counter()
     local_batch = c.batch_size // be.world_size
+    views = tasks.image_keys(task, c, train=True)
     for step_i, batch in enumerate(loader, start):
         data_time += time.perf_counter() - t_data
-        batch = pipeline.to_device(batch, be.device, c.data)
+        batch = pipeline.to_device(batch, be.device, c.data, views=views)
         skipped = batch.pop("skipped")
         torch.manual_seed(backend_lib.seed_step(c.seed, step_i, be.rank))
         state, m = fns.train_step(state, batch)
@@ -289,6 +326,12 @@ def train(config, workdir: str) -> Dict[str, float]:
             if be.is_main:
                 writer.write(done, eval_metrics, prefix="eval")
                 print("eval step %d: %s" % (done, _fmt(eval_metrics)), flush=True)
+        if c.knn_every and (done % c.knn_every == 0 or done == total):
+            knn_metrics = knn.evaluate(setup, built.params(), state["model_state"])
+            if be.is_main:
+                writer.write(done, knn_metrics, prefix="knn")
+                print("k-NN step %d: %s" % (done, _fmt(knn_metrics)), flush=True)
+            eval_metrics = dict(eval_metrics, **{f"knn_{k}": v for k, v in knn_metrics.items()})
         if done % ckpt_every == 0 or done == total:
             save(done)
         stopping = stop["signal"] is not None
@@ -320,10 +363,9 @@ def train(config, workdir: str) -> Dict[str, float]:
     return summary
 
 
-def evaluate_only(config, workdir: str) -> Dict[str, float]:
-    """``--config.mode=eval``: evaluate ``init.checkpoint`` or the workdir's latest
-    checkpoint on the eval split and print Acc@1 / Acc@5, as the references' eval scripts."""
-    setup = Setup(config, workdir)
+def load_for_eval(setup: Setup):
+    """``(params, model_state, source)`` on the device: ``init.checkpoint`` or the workdir's
+    latest checkpoint."""
     c, be = setup.config, setup.be
     params, model_state = setup.task.init(c, torch.Generator().manual_seed(c.seed))
     if c.init.checkpoint:
@@ -332,7 +374,7 @@ def evaluate_only(config, workdir: str) -> Dict[str, float]:
     else:
         found = ckpt.latest(setup.ckpt_root)
         if found is None:
-            raise FileNotFoundError(f"mode=eval needs --config.init.checkpoint or a checkpoint in "
+            raise FileNotFoundError(f"mode={c.mode} needs --config.init.checkpoint or a checkpoint in "
                                     f"{setup.ckpt_root}")
         source = found[0]
         saved = ckpt.load_tensors(source)
@@ -341,12 +383,31 @@ def evaluate_only(config, workdir: str) -> Dict[str, float]:
         ms = {k[12:]: v for k, v in saved.items() if k.startswith("model_state.")}
         if ms:
             model_state = tree.unflatten(ms)
-    params = tree.to(params, be.device)
-    model_state = tree.to(model_state, be.device)
+    return tree.to(params, be.device), tree.to(model_state, be.device), source
+
+
+def evaluate_only(config, workdir: str) -> Dict[str, float]:
+    """``--config.mode=eval``: evaluate ``init.checkpoint`` or the workdir's latest
+    checkpoint on the eval split and print Acc@1 / Acc@5, as the references' eval scripts."""
+    setup = Setup(config, workdir)
+    params, model_state, source = load_for_eval(setup)
     result = evaluate(setup, params, model_state)
-    if be.is_main:
+    if setup.be.is_main:
         print(f"* Acc@1 {result.get('acc1', float('nan')):.3f} Acc@5 {result.get('acc5', float('nan')):.3f} "
               f"loss {result.get('loss', float('nan')):.4f} ({result['count']} images, {source})", flush=True)
+    return result
+
+
+def knn_only(config, workdir: str) -> Dict[str, float]:
+    """``--config.mode=knn``: weighted k-NN accuracy (:mod:`mim.train.knn`) of the encoder
+    features of ``init.checkpoint`` or the workdir's latest checkpoint."""
+    setup = Setup(config, workdir)
+    params, model_state, source = load_for_eval(setup)
+    result = knn.evaluate(setup, params, model_state)
+    if setup.be.is_main:
+        print(f"* k-NN (k={config.knn.k}, T={config.knn.temperature}) Acc@1 {result['acc1']:.3f}"
+              + (f" Acc@5 {result['acc5']:.3f}" if "acc5" in result else "")
+              + f" ({result['count']} images against {result['train_images']}, {source})", flush=True)
     return result
 
 

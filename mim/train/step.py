@@ -116,18 +116,39 @@ def all_reduce_mean_(tensors: List[torch.Tensor], world: int, bucket_bytes: int 
 
 def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
           backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None,
-          sharding=None, cuda_graphs: bool = False) -> StepFns:
+          sharding=None, cuda_graphs: bool = False, input_keys=("image",),
+          before_step: Optional[Callable] = None, after_step: Optional[Callable] = None) -> StepFns:
     """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``.
 
     On several ranks the gradients are averaged between ``grad_step`` and
     ``update_step``. With a :class:`mim.train.sharding.FSDP` the parameters are
     gathered inside the forward and the gradients reduce-scattered by autograd during
     the backward; each rank updates its shards (see that module). ``cuda_graphs``: the
-    whole train step is recorded as a CUDA graph and replayed (:mod:`mim.train.graphs`)."""
+    whole train step is recorded as a CUDA graph and replayed (:mod:`mim.train.graphs`).
+
+    ``input_keys``: the batch's image entries, cast for the precision policy
+    (:meth:`Backend.cast_inputs`). ``before_step`` / ``after_step``
+    ``(params, model_state, step)``: update ``model_state`` in place once per optimizer
+    step, before its gradient (``step`` = updates done) or after its parameter update
+    (``step`` counts it); ``params`` is the whole tree, in full precision."""
     if cuda_graphs:
         _check_graphable(backend, sharding)
     trainable = [n for g in groups for n in g.names]
     trainable_set = set(trainable)
+    input_keys = frozenset(input_keys)
+
+    def full_params(state):
+        """The whole parameter tree for a state update: the fp32 masters under O2, the
+        gathered shards under FSDP."""
+        if sharding is not None:
+            return sharding.full_params(state["params"])
+        if "master" in state:
+            return tree.unflatten({**tree.flatten(state["params"]), **state["master"]})
+        return state["params"]
+
+    def run_state_hook(hook, state):
+        with torch.no_grad():
+            hook(full_params(state), state["model_state"], state["step"])
 
     def scaled_loss(train_params, frozen, model_state, batch, scale):
         return tree_loss(tree.unflatten({**frozen, **train_params}), model_state, batch, scale)
@@ -142,8 +163,7 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
         return obj, (loss.detach(), model_state, metrics)
 
     def split_state(state, batch):
-        if backend.master_weights:  # O2: inputs in the parameters' precision
-            batch = {k: v.to(backend.param_dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        batch = backend.cast_inputs(batch, input_keys)
         flat = tree.flatten(state["params"])
         train_params = {n: flat[n] for n in trainable}
         frozen = {n: v for n, v in flat.items() if n not in trainable_set}
@@ -229,9 +249,20 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
         metrics = dict(metrics, grad_norm=norm, lr=lr)
         return state, metrics
 
+    def before(state):
+        if before_step is not None:
+            run_state_hook(before_step, state)
+
+    def after(state):
+        if after_step is not None:
+            run_state_hook(after_step, state)
+
     def train_step(state, batch):
+        before(state)
         grads, metrics = grad_step(state, batch)
-        return update_step(state, grads, metrics)
+        state, metrics = update_step(state, grads, metrics)
+        after(state)
+        return state, metrics
 
     compiled_grad, compiled_update, compiled_train = grad_step, update_step, train_step
     if backend.compile:
@@ -245,7 +276,13 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
         train = graphs.GraphedStep(compiled_train) if cuda_graphs else compiled_train
         return StepFns(train, compiled_grad, compiled_update, eager_grad_step)
 
+    # Under FSDP the hooks gather the parameters (collectives): they stay eager there.
+    hooks_compile = backend.compile and sharding is None
+    compiled_before = torch.compile(before) if hooks_compile and before_step is not None else before
+    compiled_after = torch.compile(after) if hooks_compile and after_step is not None else after
+
     def host_step(state, batch):
+        compiled_before(state)
         grads, metrics = compiled_grad(state, batch)
         if sharding is None and backend.distributed:
             grads = dict(zip(trainable, all_reduce_mean([grads[n] for n in trainable],
@@ -260,11 +297,13 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
                 ls["scale"].mul_(0.5)
                 ls["good_steps"].zero_()
                 state["step"].add_(1)
+                compiled_after(state)  # once per optimizer step, taken or skipped
                 return state, dict(metrics, skipped=torch.ones((), device=ls["scale"].device))
             ls["good_steps"].add_(1)
             grow = (ls["good_steps"] % GROWTH_INTERVAL) == 0
             ls["scale"].mul_(torch.where(grow, 2.0, 1.0))
         state, metrics = compiled_update(state, grads, metrics)
+        compiled_after(state)
         if "loss_scale" in state:
             metrics["loss_scale"] = state["loss_scale"]["scale"].clone()
         return state, metrics
