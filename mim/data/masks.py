@@ -105,3 +105,36 @@ def beit_block_masks(gen: torch.Generator, batch: int, grid: Union[int, Tuple[in
                      **kwargs) -> torch.Tensor:
     """``(batch, H, W)`` independent BEiT block masks."""
     return torch.stack([beit_block_mask(gen, grid, **kwargs) for _ in range(batch)])
+
+
+def check_beit_mask(grid: Union[int, Tuple[int, int]] = 14, num_masking_patches: int = 75,
+                    min_num_patches: int = 16, max_num_patches: Optional[int] = None,
+                    min_aspect: float = 0.3, max_aspect: Optional[float] = None) -> None:
+    """Refuse block-mask settings under which :func:`beit_block_mask` often returns an
+    EMPTY mask, whose masked-token loss is 0/0 (the reference's NaN of unilm issue 551,
+    ``--num_mask_patches 1``): the first block draws its area between
+    ``min_num_patches`` and ``min(num_masking_patches, max_num_patches)`` and must fit that
+    budget and the grid, else ten failed tries end the mask. With fewer patches than the
+    minimum block (1 of 16: ~78% of masks empty; 10 of 16: ~12%) it mostly cannot. At
+    75 of 196 with blocks of at least 16, an empty mask has probability ~1e-12."""
+    H, W = (grid, grid) if isinstance(grid, int) else grid
+    budget = num_masking_patches if max_num_patches is None else min(num_masking_patches, max_num_patches)
+    if num_masking_patches < 1:
+        raise ValueError(f"num_masking_patches={num_masking_patches}: must be at least 1")
+    if num_masking_patches > H * W:
+        raise ValueError(f"num_masking_patches={num_masking_patches} exceeds the {H}x{W} grid")
+    if min_num_patches < 1:
+        raise ValueError(f"min_num_patches={min_num_patches}: must be at least 1")
+    if budget < min_num_patches:
+        raise ValueError(
+            f"num_masking_patches={num_masking_patches} (max_num_patches={max_num_patches}) is "
+            f"below min_num_patches={min_num_patches}: blocks drawn with at least "
+            f"{min_num_patches} patches rarely fit a budget of {budget}, so many masks come out "
+            f"empty and the masked-token loss is 0/0 (unilm issue 551); lower min_num_patches "
+            f"or mask more patches")
+    if min_num_patches > (H - 1) * (W - 1):
+        raise ValueError(f"min_num_patches={min_num_patches}: a block must be smaller than the "
+                         f"{H}x{W} grid on both sides ((H-1)(W-1) = {(H - 1) * (W - 1)} patches)")
+    hi = max_aspect or 1.0 / min_aspect
+    if not 0 < min_aspect <= hi:
+        raise ValueError(f"block aspect range [{min_aspect}, {hi}]: must satisfy 0 < min <= max")
