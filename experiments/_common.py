@@ -1,9 +1,72 @@
 """Settings every experiment file shares: where the bundled demo images are, what a
-``:tiny`` run on them and a ``:perf`` run look like. Not an experiment itself."""
+``:tiny`` run on them and a ``:perf`` run look like, and how the variant string after
+the file name is read. Not an experiment itself."""
 import os
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "third_party", "cifar10-mini")
+
+# Keys every experiment file accepts in its variant string (see parse_arg).
+COMMON_KEYS = dict(
+    tiny=False,    # the CPU-sized run on the bundled images
+    perf=False,    # a short run that prints throughput
+    steps=0,       # run length in optimizer steps (0: the recipe's own)
+    batch_size=0,  # global batch (0: the recipe's own); a base_lr still scales with it
+)
+
+
+def parse_arg(arg, name: str, **spec):
+    """Read a variant string as big_vision's ``parse_arg`` does:
+    ``experiments/mae_base.py:tiny,steps=100`` -> ``tiny=True, steps=100``.
+
+    ``spec`` gives the file's own keys and their defaults (e.g. ``size="base"``) beside
+    :data:`COMMON_KEYS`. A bare key sets a boolean; ``key=value`` is read with the type
+    of the key's default. An unknown key, a bare non-boolean key or a value of the wrong
+    type is a ``ValueError`` that names the file and the known keys."""
+    known = {**COMMON_KEYS, **spec}
+    values = dict(known)
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if key not in known:
+            raise ValueError(f"unknown variant key {key!r} in {arg!r} of {name}; known keys: "
+                             f"{', '.join(sorted(known))}")
+        default = known[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"variant key {key!r} of {name} needs a value: {key}=... "
+                                 f"(default {default!r})")
+            values[key] = True
+        else:
+            values[key] = _parse_value(raw.strip(), default, key, name)
+    return types.SimpleNamespace(**values)
+
+
+def _parse_value(raw: str, default, key: str, name: str):
+    try:
+        if isinstance(default, bool):
+            lowered = raw.lower()
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return lowered in ("true", "1")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"variant key {key!r} of {name}: {raw!r} is not a "
+                         f"{type(default).__name__}") from None
+    return raw
+
+
+def check_choice(value, choices, key: str, name: str):
+    if value not in choices:
+        raise ValueError(f"variant key {key}={value!r} of {name}: must be one of "
+                         f"{', '.join(map(str, choices))}")
 
 
 def tiny_data(c, num_workers: int = 1):
@@ -23,6 +86,23 @@ def perf(c, steps: int = 50):
     c.log_every = 10
     c.eval_every = 1_000_000
     c.checkpoint_every = 1_000_000
+
+
+def finish(c, v):
+    """The common keys that apply after a recipe's variants: ``steps=N`` sets the run
+    length (the loop evaluates and saves at the last step anyway); a reconstruction
+    cadence longer than the run is cut to it, so a shortened pretraining still draws
+    its pictures once, at its end. ``batch_size=B`` sets the global batch."""
+    for key in ("steps", "batch_size"):
+        if getattr(v, key) < 0:
+            raise ValueError(f"variant key {key}={getattr(v, key)}: must be >= 0")
+    if v.batch_size:
+        c.batch_size = v.batch_size
+    if v.steps:
+        c.steps = v.steps
+        if "recon" in c and c.recon.every > v.steps:
+            c.recon.every = v.steps
+    return c
 
 
 def variant_error(name, arg):

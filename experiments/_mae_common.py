@@ -10,6 +10,7 @@ import ml_collections
 
 from mim import config as config_lib
 from mim.models import mae, vit
+from mim.tasks import linprobe as linprobe_task
 
 shared = config_lib.import_sibling(__file__, "_common.py")
 
@@ -25,6 +26,9 @@ TINY_CLASSES = 10
 
 
 def pretrain(size: str, arg=None, name: str = "mae"):
+    v = shared.parse_arg(arg, name, size=size)
+    shared.check_choice(v.size, tuple(mae.SIZES), "size", name)
+    size = v.size
     c = config_lib.base()
     c.task = "mae_pretrain"
     # norm_pix_loss: per-patch normalised pixel targets (Sec. 3, Table 1d), the
@@ -50,7 +54,7 @@ def pretrain(size: str, arg=None, name: str = "mae"):
         every=5000,                # steps between reconstruction pictures (0: none)
         num_images=8,              # fixed eval-split images in each picture
     ))
-    if arg == "tiny":
+    if v.tiny:
         shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, **TINY_DECODER)
         c.batch_size = 128
@@ -64,12 +68,26 @@ def pretrain(size: str, arg=None, name: str = "mae"):
         c.eval_every = 300
         c.checkpoint_every = 300
         c.recon.every = 300
-    elif arg == "perf":
+    if v.perf:
         shared.perf(c)
         c.recon.every = 0
-    elif arg:
-        raise shared.variant_error(name, arg)
-    return c
+    return shared.finish(c, v)
+
+
+def pretrain_sweeps(arg=None, name: str = "mae"):
+    """Named ablations of the pretraining (``python -m mim.sweep --sweep=NAME``), as
+    override lists. Full recipe: the paper's grids; ``:tiny``: a 4-point subset that
+    fits a CPU."""
+    v = shared.parse_arg(arg, name, size="base")
+    if v.tiny:
+        ratios, depths = (0.25, 0.5, 0.75, 0.9), (1, 2, 4)
+    else:
+        # Figure 5: masking ratio 10%-90%; Table 1a: decoder depth 1-12 blocks.
+        ratios, depths = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9), (1, 2, 4, 8, 12)
+    return {
+        "mask_ratio": [{"model.mask_ratio": r} for r in ratios],
+        "decoder_depth": [{"model.decoder_depth": d} for d in depths],
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,6 +96,7 @@ def pretrain(size: str, arg=None, name: str = "mae"):
 
 def finetune(size: str, arg=None, *, base_lr: float, layer_decay: float, drop_path: float,
              epochs: float, name: str = "mae_finetune"):
+    v = shared.parse_arg(arg, name)
     c = config_lib.base()
     c.task = "classify"
     enc = mae.SIZES[size]
@@ -109,7 +128,7 @@ def finetune(size: str, arg=None, *, base_lr: float, layer_decay: float, drop_pa
     c.optim.min_lr = 1e-6
     c.precision = "amp_bf16"
     c.log_every = 50
-    if arg == "tiny":
+    if v.tiny:
         shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
         c.batch_size = 128
@@ -125,11 +144,9 @@ def finetune(size: str, arg=None, *, base_lr: float, layer_decay: float, drop_pa
         c.log_every = 50
         c.eval_every = 300
         c.checkpoint_every = 300
-    elif arg == "perf":
+    if v.perf:
         shared.perf(c)
-    elif arg:
-        raise shared.variant_error(name, arg)
-    return c
+    return shared.finish(c, v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,6 +154,9 @@ def finetune(size: str, arg=None, *, base_lr: float, layer_decay: float, drop_pa
 
 
 def linprobe(size: str, arg=None, name: str = "mae_linprobe"):
+    v = shared.parse_arg(arg, name, size=size)
+    shared.check_choice(v.size, tuple(mae.SIZES), "size", name)
+    size = v.size
     c = config_lib.base()
     c.task = "linprobe"
     enc = mae.SIZES[size]
@@ -144,6 +164,8 @@ def linprobe(size: str, arg=None, name: str = "mae_linprobe"):
     c.model = vit.config(patch_size=enc["patch_size"], embed_dim=enc["embed_dim"],
                          depth=enc["depth"], num_heads=enc["num_heads"], img_size=224,
                          num_classes=1000, global_pool="token", head_init_std=0.01)
+    # The pooled features (class token after the final norm) through BatchNorm1d(affine=False).
+    c.probe = linprobe_task.probe_config("pooled", batch_norm=True)
     c.init.format = "mae"
     c.batch_size = 16384
     c.eval_batch_size = 1024
@@ -161,7 +183,7 @@ def linprobe(size: str, arg=None, name: str = "mae_linprobe"):
     c.optim.min_lr = 0.0
     c.precision = "amp_bf16"
     c.log_every = 20
-    if arg == "tiny":
+    if v.tiny:
         shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
         c.batch_size = 256
@@ -176,8 +198,6 @@ def linprobe(size: str, arg=None, name: str = "mae_linprobe"):
         c.log_every = 50
         c.eval_every = 150
         c.checkpoint_every = 150
-    elif arg == "perf":
+    if v.perf:
         shared.perf(c)
-    elif arg:
-        raise shared.variant_error(name, arg)
-    return c
+    return shared.finish(c, v)

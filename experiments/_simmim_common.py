@@ -62,6 +62,7 @@ WARMUP_LR = {"pretrain": {"swin": 1e-6, "vit": 5e-7}, "finetune": {"swin": 2.5e-
 
 
 def pretrain(backbone: str, arg=None, name: str = "simmim"):
+    v = shared.parse_arg(arg, name)
     c = config_lib.base()
     c.task = "simmim_pretrain"
     if backbone == "swin":
@@ -101,7 +102,7 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         every=3125,                # steps between reconstruction pictures (5 epochs); 0: none
         num_images=8,              # fixed eval-split images in each picture
     ))
-    if arg == "tiny":
+    if v.tiny:
         shared.tiny_data(c)
         enc = TINY_SWIN if backbone == "swin" else dict(TINY_VIT, drop_path_rate=0.0)
         c.model.encoder.update(enc)
@@ -119,12 +120,10 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         c.eval_every = 300
         c.checkpoint_every = 300
         c.recon.every = 300
-    elif arg == "perf":
+    if v.perf:
         shared.perf(c)
         c.recon.every = 0
-    elif arg:
-        raise shared.variant_error(name, arg)
-    return c
+    return shared.finish(c, v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,6 +134,7 @@ FINETUNE = {"swin": (1.25e-3, 2.5e-7, 0.9), "vit": (1.25e-3, 2.5e-7, 0.65)}
 
 
 def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
+    v = shared.parse_arg(arg, name)
     c = config_lib.base()
     c.task = "classify"
     if backbone == "swin":
@@ -187,7 +187,7 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
     c.optim.clip_grad = 5.0
     c.precision = "amp_bf16"
     c.log_every = 100
-    if arg == "tiny":
+    if v.tiny:
         shared.tiny_data(c)
         if backbone == "swin":
             c.model.update(TINY_SWIN, window_size=TINY_SWIN_FINETUNE_WINDOW, num_classes=TINY_CLASSES)
@@ -212,8 +212,6 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
         c.log_every = 50
         c.eval_every = 300
         c.checkpoint_every = 300
-    elif arg == "perf":
+    if v.perf:
         shared.perf(c)
-    elif arg:
-        raise shared.variant_error(name, arg)
-    return c
+    return shared.finish(c, v)

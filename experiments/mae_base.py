@@ -15,6 +15,14 @@ Variants:
     :tiny   a 4-block, 128-d ViT (patch 4) on the bundled 32-px CIFAR-10 subset, 600 steps
             on 2 CPU cores; see docs/mae.md for what it reaches downstream.
     :perf   50 steps that print throughput (images/s per device).
+    :size=large / :size=huge   the same recipe for ViT-L/16 or ViT-H/14.
+    :tiny,steps=N               any variant cut to N optimizer steps.
+
+Sweeps (python -m mim.sweep, see docs/mae.md): mask_ratio (Figure 5), decoder_depth
+(Table 1a); with :tiny a 4-point / 3-point subset:
+
+    python -m mim.sweep --config=experiments/mae_base.py:tiny --sweep=mask_ratio \
+        --workdir=runs/mae_mask_ratio --then=experiments/mae_base_linprobe.py:tiny
 """
 from mim.config import import_sibling
 
@@ -23,3 +31,7 @@ common = import_sibling(__file__, "_mae_common.py")  # shared recipe and tiny se
 
 def get_config(arg=None):
     return common.pretrain("base", arg, name="mae_base.py")
+
+
+def get_sweeps(arg=None):
+    return common.pretrain_sweeps(arg, name="mae_base.py")

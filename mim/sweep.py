@@ -1,0 +1,424 @@
+"""Ablation sweeps: every point of a named sweep of an experiment file, each in its own
+workdir, then a results table.
+
+    python -m mim.sweep --config=experiments/mae_base.py:tiny --sweep=mask_ratio \\
+        --workdir=runs/mask_ratio --then=experiments/mae_base_linprobe.py:tiny
+
+An experiment file declares its sweeps beside ``get_config`` (as big_vision and scenic
+configs declare theirs, as lists of overrides)::
+
+    def get_sweeps(arg=None):
+        return {"mask_ratio": [{"model.mask_ratio": r} for r in (0.25, 0.5, 0.75)]}
+
+Point ``i`` runs in ``WORKDIR/<name>/``, its name made of its overrides
+(``mask_ratio=0.25``). ``--then=FILE[:variant]`` (repeatable) chains downstream runs:
+each starts from the point's final checkpoint (``init.checkpoint``) in
+``WORKDIR/<name>/<file stem>/``; ``--carry=model.depth`` also applies those override
+keys to them (an encoder shape the downstream model must share). Any ``--config.x=y``
+applies to every point, as for ``mim.main``.
+
+Resuming. A run is finished when its newest checkpoint is at its last step; finished
+runs are not run again, a killed one resumes from its checkpoint (the training loop
+does that), so starting the same command again completes a sweep. Changing the config
+of a run that exists is an error (use a new ``--workdir``).
+
+Spreading. ``--shard=i/n``, or the launcher's ``SLURM_PROCID``/``SLURM_NTASKS`` (one
+task per device: ``srun --ntasks=8 python -m mim.sweep ...``) or torchrun's
+``RANK``/``WORLD_SIZE``: launcher ``i`` of ``n`` runs points ``i, i+n, ...``, each on its
+own device (``SLURM_LOCALID`` / ``LOCAL_RANK``) as a one-device run. Every launcher
+rewrites ``results.csv`` and ``results.md`` from what is on disk when its points are
+done, so the last one to finish writes the whole table; ``--table_only`` rewrites it.
+The table holds each point's overrides and its final metrics (last logged value of
+every evaluation metric and of the training loss, per stage); ``curves.png`` overlays
+the points' curves.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from absl import app, flags
+from ml_collections import config_flags
+
+log = logging.getLogger(__name__)
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """The command line's flags, defined only when it runs: importing this module (for
+    :func:`load_config`) leaves absl's global flags alone."""
+    config_flags.DEFINE_config_file("config", None, "experiment file: experiments/X.py[:arg]",
+                                    lock_config=True)
+    flags.DEFINE_string("sweep", None, "name of a sweep the experiment file declares")
+    flags.DEFINE_string("workdir", None, "directory of the sweep: one folder per point")
+    flags.DEFINE_multi_string("then", [], "downstream experiment FILE[:variant] started from "
+                              "each point's final checkpoint (repeatable)")
+    flags.DEFINE_list("carry", [], "override keys also applied to the --then runs")
+    flags.DEFINE_string("shard", "", "i/n: run points i, i+n, ... (default: SLURM or "
+                        "torchrun's rank and size, else 0/1)")
+    flags.DEFINE_bool("table_only", False, "only rewrite results.csv / results.md")
+    flags.DEFINE_bool("dry_run", False, "print the points and exit")
+
+
+# Fields that change how a run executes, not what it computes: a resumed run may differ.
+_MECHANICS = ("data.num_workers", "data.prefetch", "log_every")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+class SweepError(ValueError):
+    pass
+
+
+class Stopped(RuntimeError):
+    """A run returned before its last step (SIGTERM): the sweep stops with it."""
+
+
+# ----------------------------------------------------------------------------------------
+# Declarations.
+
+
+def split_spec(spec: str) -> Tuple[str, Optional[str]]:
+    path, _, arg = spec.partition(":")
+    return path, (arg or None)
+
+
+def load_module(path: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"experiment file not found: {path}")
+    name = "mim_sweep_" + re.sub(r"\W", "_", os.path.basename(path)[:-3])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str):
+    """``get_config(arg)`` of ``FILE[:arg]``, locked as ``mim.main`` locks it."""
+    path, arg = split_spec(spec)
+    c = load_module(path).get_config(arg)
+    c.lock()
+    return c
+
+
+def sweep_points(spec: str, name: str) -> List[dict]:
+    path, arg = split_spec(spec)
+    module = load_module(path)
+    if not hasattr(module, "get_sweeps"):
+        raise SweepError(f"{path} declares no sweeps (no get_sweeps(arg))")
+    sweeps = module.get_sweeps(arg)
+    if name not in sweeps:
+        raise SweepError(f"{path} has no sweep {name!r}; it declares: {', '.join(sorted(sweeps))}")
+    points = [dict(p) for p in sweeps[name]]
+    if not points or not all(points):
+        raise SweepError(f"sweep {name!r} of {path}: every point needs at least one override")
+    return points
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return "x".join(_fmt(x) for x in v)
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def point_names(points: Sequence[dict]) -> List[str]:
+    """Folder names from the overrides' last name parts (``mask_ratio=0.25``); the full
+    dotted names where the short ones would collide."""
+    def name(p, full):
+        return "-".join(_UNSAFE.sub("_", f"{k if full else k.rsplit('.', 1)[-1]}={_fmt(v)}")
+                        for k, v in p.items())
+
+    names = [name(p, False) for p in points]
+    if len(set(names)) < len(names):
+        names = [name(p, True) for p in points]
+    if len(set(names)) < len(names):
+        raise SweepError(f"sweep points repeat: {names}")
+    return names
+
+
+def apply_overrides(config, overrides: dict, where: str):
+    c = copy.deepcopy(config)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        try:
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(leaf)
+            node[leaf] = value
+        except (KeyError, AttributeError):
+            raise SweepError(f"{where}: the config has no field {key!r}") from None
+        except TypeError as e:
+            raise SweepError(f"{where}: {key}={value!r}: {e}") from None
+    return c
+
+
+# ----------------------------------------------------------------------------------------
+# Running.
+
+
+def shard_from_env(flag: str = "") -> Tuple[int, int]:
+    """``(index, count)`` of this launcher, and make the runs it starts single-device
+    runs on the launcher's own device."""
+    if flag:
+        m = re.fullmatch(r"(\d+)/(\d+)", flag)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            raise SweepError(f"--shard={flag!r}: expected i/n with 0 <= i < n")
+        return int(m.group(1)), int(m.group(2))
+    env = os.environ
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "RANK" not in env:
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        # Each launcher trains alone: no process group over the launchers.
+        env["RANK"], env["WORLD_SIZE"] = "0", "1"
+        return rank, world
+    return 0, 1
+
+
+def finished_step(workdir: str) -> Optional[Tuple[int, int]]:
+    """``(newest checkpoint step, total steps)`` of a run that has written its summary and
+    did not stop early."""
+    from mim.checkpoints import io as ckpt
+    summary = os.path.join(workdir, "summary.json")
+    found = ckpt.latest(os.path.join(workdir, "checkpoints"))
+    if found is None or not os.path.exists(summary):
+        return None
+    with open(summary) as f:
+        s = json.load(f)
+    if s.get("status", "finished") != "finished":
+        return None
+    return found[1]["step"], s.get("total_steps", s["steps"])
+
+
+def is_finished(workdir: str) -> bool:
+    state = finished_step(workdir)
+    return state is not None and state[0] >= state[1]
+
+
+def final_checkpoint(workdir: str) -> str:
+    from mim.checkpoints import io as ckpt
+    found = ckpt.latest(os.path.join(workdir, "checkpoints"))
+    if found is None:
+        raise SweepError(f"{workdir} has no checkpoint")
+    return found[0]
+
+
+def _comparable(config_json: dict) -> dict:
+    out = copy.deepcopy(config_json)
+    for field in _MECHANICS:
+        node = out
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+def check_same_config(config, workdir: str):
+    saved = os.path.join(workdir, "config.json")
+    if not os.path.exists(saved):
+        return
+    with open(saved) as f:
+        before = _comparable(json.load(f))
+    now = _comparable(json.loads(config.to_json_best_effort()))
+    if before != now:
+        diff = sorted(k for k in set(_flat(before)) | set(_flat(now))
+                      if _flat(before).get(k) != _flat(now).get(k))
+        raise SweepError(f"{workdir} was run with another config (differs in {diff[:6]}); "
+                         f"use a new --workdir")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_stage(config, workdir: str, label: str) -> bool:
+    """Train ``config`` in ``workdir`` unless it is finished; True if it ran."""
+    from mim.train import loop
+    if is_finished(workdir):
+        print(f"{label}: finished, not run again ({workdir})", flush=True)
+        return False
+    check_same_config(config, workdir)
+    print(f"{label}: running in {workdir}", flush=True)
+    loop.train(config, workdir)   # writes workdir/curves.png at its end
+    if not is_finished(workdir):
+        raise Stopped(f"{label} stopped before its last step; start the sweep again to resume")
+    return True
+
+
+def then_stages(specs: Sequence[str]) -> List[Tuple[str, str]]:
+    """``[(folder, spec), ...]`` for the --then files, one folder per file stem."""
+    out = []
+    for spec in specs:
+        stem = os.path.basename(split_spec(spec)[0])
+        stem = stem[:-3] if stem.endswith(".py") else stem
+        if stem in [s for s, _ in out]:
+            raise SweepError(f"--then names {stem} twice; one downstream run per experiment file")
+        out.append((stem, spec))
+    return out
+
+
+def run(base, spec: str, sweep: str, workdir: str, then: Sequence[str] = (),
+        carry: Sequence[str] = (), shard: Tuple[int, int] = (0, 1)) -> List[dict]:
+    """Run this launcher's share of the sweep, then write the table; returns its rows."""
+    points = sweep_points(spec, sweep)
+    names = point_names(points)
+    stages = then_stages(then)
+    then_configs = {stem: load_config(s) for stem, s in stages}
+    for key in carry:
+        if not any(key in p for p in points):
+            raise SweepError(f"--carry={key}: no point of sweep {sweep!r} overrides it")
+    index, count = shard
+    # Build every point's config first: a wrong field stops the sweep before any training.
+    plans = []
+    for i, (name, overrides) in enumerate(zip(names, points)):
+        c = apply_overrides(base, overrides, f"sweep {sweep!r} point {name}")
+        downstream = {stem: apply_overrides(tc, {k: v for k, v in overrides.items() if k in carry},
+                                            f"--then {stem} of point {name}")
+                      for stem, tc in then_configs.items()}
+        plans.append((i, name, c, downstream))
+    for i, name, c, downstream in plans:
+        if i % count != index:
+            continue
+        point_dir = os.path.join(workdir, name)
+        label = f"[{index}/{count}] point {i + 1}/{len(points)} {name}"
+        run_stage(c, point_dir, label)
+        for stem, tc in downstream.items():
+            tc.init.checkpoint = os.path.abspath(final_checkpoint(point_dir))
+            run_stage(tc, os.path.join(point_dir, stem), f"{label} -> {stem}")
+    return write_table(workdir, names, points, [s for s, _ in stages])
+
+
+# ----------------------------------------------------------------------------------------
+# Results.
+
+
+def final_metrics(run_dir: str) -> Dict[str, float]:
+    """The last logged training loss and evaluation metrics of a run."""
+    from mim import plot
+    if not os.path.exists(os.path.join(run_dir, plot.METRICS_FILE)):
+        return {}
+    series = plot.read_metrics(run_dir)
+    out = {}
+    if "train/loss" in series:
+        out["train_loss"] = series["train/loss"][-1][1]
+    for k, v in series.items():
+        if k.startswith("eval/") and k != "eval/count":
+            out["eval_" + k[5:]] = v[-1][1]
+    return out
+
+
+def _status(run_dir: str) -> str:
+    if is_finished(run_dir):
+        return "done"
+    return "incomplete" if os.path.isdir(run_dir) else "not run"
+
+
+def write_table(workdir: str, names: Sequence[str], points: Sequence[dict],
+                stages: Sequence[str]) -> List[dict]:
+    """``results.csv`` and ``results.md`` (written atomically) and ``curves.png`` per stage."""
+    from mim import plot
+    keys = list(dict.fromkeys(k for p in points for k in p))
+    rows, metric_cols = [], []
+    for name, overrides in zip(names, points):
+        row = {"point": name, **{k: _fmt(overrides[k]) if k in overrides else "" for k in keys}}
+        d = os.path.join(workdir, name)
+        row["status"] = _status(d)
+        for stage, run_dir in [("", d)] + [(s + "/", os.path.join(d, s)) for s in stages]:
+            if stage:
+                row[stage + "status"] = _status(run_dir)
+            for k, v in final_metrics(run_dir).items():
+                row[stage + k] = v
+        metric_cols += [k for k in row if k not in metric_cols]
+        rows.append(row)
+    columns = list(dict.fromkeys(["point", *keys, *metric_cols]))
+    os.makedirs(workdir, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns, restval="", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    _write(os.path.join(workdir, "results.csv"), buf.getvalue())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    _write(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
+    for stage in [""] + list(stages):
+        dirs = [os.path.normpath(os.path.join(workdir, n, stage)) for n in names]
+        dirs = [d for d in dirs if os.path.exists(os.path.join(d, plot.METRICS_FILE))
+                and plot.panels([plot.read_metrics(d)])]
+        if dirs:
+            out = os.path.join(workdir, f"curves_{stage}.png" if stage else "curves.png")
+            plot.save(plot.figure([(os.path.basename(os.path.dirname(d)) if stage else
+                                    os.path.basename(d), plot.read_metrics(d)) for d in dirs],
+                                  title=stage or os.path.basename(os.path.normpath(workdir))), out)
+    return rows
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _write(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raw = config_flags.get_config_filename(FLAGS["config"])  # FILE[:variant]
+    workdir = FLAGS.workdir
+    if FLAGS.dry_run:
+        points = sweep_points(raw, FLAGS.sweep)
+        index, count = shard_from_env(FLAGS.shard)
+        for i, (name, p) in enumerate(zip(point_names(points), points)):
+            mark = "*" if i % count == index else " "
+            print(f"{mark} {i:3d} {os.path.join(workdir, name)}  {p}")
+        return
+    if FLAGS.table_only:
+        points = sweep_points(raw, FLAGS.sweep)
+        rows = write_table(workdir, point_names(points), points,
+                           [s for s, _ in then_stages(FLAGS.then)])
+    else:
+        try:
+            rows = run(FLAGS.config, raw, FLAGS.sweep, workdir, FLAGS.then, FLAGS.carry,
+                       shard_from_env(FLAGS.shard))
+        except Stopped as e:
+            # SIGTERM (preemption) reached a run: the same command resumes the sweep; the
+            # exit status is mim.main's for a stopped run, which launchers requeue on.
+            from mim.cli import EXIT_STOPPED
+            print(e, flush=True)
+            sys.exit(EXIT_STOPPED)
+    with open(os.path.join(workdir, "results.md")) as f:
+        print(f.read(), end="")
+    print(f"wrote {os.path.join(workdir, 'results.csv')} ({len(rows)} points)")
+
+
+def run_cli():
+    _define_flags()
+    flags.mark_flags_as_required(["config", "sweep", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_cli()
