@@ -41,7 +41,7 @@ import torch
 
 from mim import backend as backend_lib
 from mim import config as config_lib
-from mim import optim
+from mim import optim, tasks
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,6 @@ def peak_memory(be) -> int:
 def synthetic_batch(config, task, batch_size: int, device, seed: int = 0) -> Dict[str, torch.Tensor]:
     """A batch shaped like the input pipeline's: normalised images, labels (soft labels
     when mixup/cutmix are on), and the task's per-sample extras stacked."""
-    from mim import tasks
     gen = torch.Generator().manual_seed(seed)
     # every image key of the task's batches (several views, a tokenizer view), at its size
     batch = {k: torch.randn(batch_size, 3, v.size, v.size, generator=gen)
@@ -176,7 +175,6 @@ class RealBatches:
         from mim.data import pipeline
         self.loader, _, _ = pipeline.train_loader(config, be, task, 0, total)
         self.it = iter(self.loader)
-        from mim import tasks
         self.device, self.data_config, self.to_device = be.device, config.data, pipeline.to_device
         self.views = tasks.image_keys(task, config, train=True)
 
@@ -379,6 +377,13 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
     flop_batch = fixed if fixed is not None else batches()()
     flops = count_flops(lambda: run.grad_step(run.state, flop_batch))
     out["flops_per_image"] = flops / batch_size
+    if hasattr(task, "frozen_forward"):
+        # the frozen networks' forward (BEiT's tokenizer), counted apart: part of the step's
+        # cost, not of the trained model's
+        fb = be.cast_inputs(flop_batch, tuple(tasks.image_keys(task, c)))
+        with torch.no_grad(), be.autocast():
+            out["frozen_flops_per_image"] = count_flops(
+                lambda: task.frozen_forward(setup.frozen, fb, c)) / batch_size
     next_batch = batches()
 
     def mim_step(i):
@@ -437,7 +442,11 @@ def format_report(out: dict) -> str:
              + ("cuda_graphs=True " if cfg.get("cuda_graphs") else "") +
              f"data={cfg['data']}; {out['warmup']} warm-up + {out['steps']} timed steps",
              f"model FLOPs per image (forward + backward): {out['flops_per_image'] / 1e9:.4g} GFLOP"
-             + (f" (peer counts {out['peer']['flops_per_image'] / 1e9:.4g})" if "peer" in out else ""),
+             + (f" (peer counts {out['peer']['flops_per_image'] / 1e9:.4g})" if "peer" in out else "")
+             + (f"; of which frozen networks (forward, never trained): "
+                f"{out['frozen_flops_per_image'] / 1e9:.4g} GFLOP, the trained model "
+                f"{(out['flops_per_image'] - out['frozen_flops_per_image']) / 1e9:.4g} GFLOP"
+                if "frozen_flops_per_image" in out else ""),
              "peak: " + (f"{out['peak_tflops']:.1f} TFLOP/s dense" if out["peak_tflops"]
                          else "unknown (CPU or unlisted device): no MFU")]
     mem = "peak mem" if not out["device"].startswith("CPU") else "peak RSS"
@@ -470,7 +479,6 @@ def bench_data(config, *, data_dir: str = "", batches: int = 10, images: int = 2
     moved to ``config.device`` by :func:`mim.data.pipeline.to_device` as in training.
     With ``data.decode='device'`` a worker only reads files and draws crops, and the decode
     is timed in ``to_device``."""
-    from mim import tasks
     from mim.data import pipeline
     c = config.copy_and_resolve_references()
     if data_dir:

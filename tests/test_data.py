@@ -56,7 +56,7 @@ def test_eval_sees_every_image_once():
         for r in range(world):
             for b in sampler.EvalBatchSampler(n, bs, r, world):
                 assert len(b) <= bs
-                seen += [i for i, _ in b]
+                seen += [i for i, *_ in b]
         assert sorted(seen) == list(range(n))
 
 
@@ -135,6 +135,18 @@ def _write_odd_folder(root):
     Image.new("L", (33, 33), 128).save(os.path.join(b, "gray.png"))
     Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(os.path.join(b, "sixteen.png"))
     Image.new("P", (30, 30)).save(os.path.join(b, "palette.gif"))
+    for k in range(3):              # timm's crop can draw a box with a zero side on these
+        Image.new("RGB", (1, 1), (200, 30 * k, 10)).save(os.path.join(b, f"one_pixel{k}.jpg"))
+
+
+def readable(path):
+    """Whether PIL decodes ``path``: the independent count of what a run can use."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many kinds
+        return False
 
 
 def test_odd_and_broken_files_are_converted_or_skipped(tmp_path):
@@ -170,3 +182,32 @@ def test_class_count_mismatch_is_a_clear_error(bundled):
     c.model.num_classes = 5
     with pytest.raises(folder.DatasetError, match="10 classes but config.model.num_classes=5"):
         pipeline.train_loader(c, be, None, 0, 1)
+
+
+@pytest.mark.parametrize("decode,batch", [("worker", 4), ("device", 4), ("worker", 1), ("device", 1)])
+def test_evaluation_skips_unreadable_files_and_counts_them(tmp_path, decode, batch):
+    """Each readable file is scored once and each unreadable one is counted, not replaced
+    by its neighbour (which would then be scored twice). Reference: PIL opening each file.
+    A batch of unreadable files only is ``{"skipped": n}``."""
+    _write_odd_folder(str(tmp_path))
+    c = _config(str(tmp_path), eval_split="train", device_normalize=True, decode=decode)
+    c.eval_batch_size = batch
+    be = Backend("cpu", torch.device("cpu"), "fp32", False)
+    loader, ds = pipeline.eval_loader(c, be)
+    good = [lab for p, lab in ds.samples if readable(p)]
+    assert 0 < len(good) < len(ds)
+    scored, skipped, labels = 0, 0, []
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        for raw in loader:
+            if "image" not in raw:
+                assert set(raw) == {"skipped"}
+                skipped += int(raw["skipped"])
+                continue
+            out = pipeline.to_device(raw, "cpu", c.data, train=False)
+            skipped += int(out["skipped"])
+            assert out["image"].shape[0] == out["label"].shape[0]
+            scored += out["image"].shape[0]
+            labels += out["label"].tolist()
+    assert scored == len(good) and skipped == len(ds) - len(good)
+    assert sorted(labels) == sorted(good)
+

@@ -212,3 +212,29 @@ def test_nvjpeg_matches_the_cpu_decode():
     gpu = pipeline.to_device(raw, "cuda", c.data)["image"].cpu()
     diff = _grey_levels(gpu, cpu, c)
     assert diff.mean() < 1.0 and diff.max() <= 32
+
+
+def test_the_bad_image_folder_of_the_worker_path(tmp_path):
+    """The folder of odd and broken files the worker path is tested on (test_data): every
+    file it accepts the device path accepts, a 1x1 JPEG included (timm may draw a crop
+    box with a zero side on it: PIL makes that a black image, and so must the device).
+    Reference: timm's transform on PIL images (data.decode='worker'), batch for batch."""
+    from test_data import _write_odd_folder
+    _write_odd_folder(str(tmp_path))
+    c = _config(str(tmp_path), size=32, hflip=0.5)
+    c.data.crop_scale, c.batch_size = (0.08, 1.0), 14          # timm's default scale
+    empty_boxes = 0
+    for step in range(10):
+        c.data.decode = "worker"
+        worker = pipeline.to_device(next(iter(pipeline.train_loader(c, CPU, None, step, step + 1)[0])),
+                                    "cpu", c.data)
+        c.data.decode = "device"
+        raw = next(iter(pipeline.train_loader(c, CPU, None, step, step + 1)[0]))
+        jpeg = torch.tensor([x.dim() == 1 for x in raw["image"]])   # PIL-decoded rows: no box
+        empty_boxes += int(((raw["geometry"][:, 2:4] == 0).any(-1) & jpeg).sum())
+        device = pipeline.to_device(raw, "cpu", c.data)
+        assert int(device["skipped"]) == int(worker["skipped"])
+        assert torch.equal(device["label"], worker["label"])
+        diff = _grey_levels(device["image"], worker["image"], c)
+        assert diff.mean(dim=(1, 2, 3)).max() < 1.0, diff.mean(dim=(1, 2, 3))
+    assert empty_boxes > 0          # the case that used to stop the run was drawn

@@ -49,3 +49,60 @@ def test_tiny_variant_trains(path, tmp_path):
     assert summary["steps"] == 2
     assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     assert os.listdir(tmp_path / "checkpoints")
+
+
+def _tiny_text(doc):
+    """The ``:tiny`` entry of an experiment docstring's variant list, on one line."""
+    start = doc.index(":tiny")
+    end = doc.find("\n    :", start + 1)
+    return " ".join(doc[start:end if end > 0 else None].split())
+
+
+def _model(c):
+    return c.model.encoder if "encoder" in c.model else c.model
+
+
+TINY_FACTS = [
+    # (pattern in the :tiny text, what it claims of the config)
+    (r"(\d+)-block", lambda c: _model(c).depth),
+    (r"(\d+)-d\b", lambda c: _model(c).embed_dim),
+    (r"ViT[^(]*\(patch (\d+)\)|\(patch (\d+)\)", lambda c: _model(c).patch_size),
+    (r"(\d+)-stage Swin", lambda c: len(_model(c).depths)),
+    (r"Swin \([^)]*patch (\d+)", lambda c: _model(c).patch_size),
+    (r"Swin \([^)]*window (\d+)", lambda c: _model(c).window_size),
+    (r"Swin \([^)]*width (\d+)", lambda c: _model(c).embed_dim),
+    (r"Swin \([^)]*depths ([\d-]+)", lambda c: "-".join(map(str, _model(c).depths))),
+    (r"(\d+)-px mask patches", lambda c: c.model.mask_patch_size),
+    (r"(\d+)[- ]px (?:images|CIFAR)", lambda c: c.data.image_size),
+    (r"(\d+) steps", lambda c: c.steps),
+    (r"steps of batch (\d+)", lambda c: c.batch_size),
+    (r"with window (\d+) instead of", lambda c: _model(c).window_size),
+]
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_tiny_description_matches_the_config(path):
+    """Each number the docstring's ``:tiny`` entry states (blocks, width, patch, stages,
+    window, mask patch, image size, steps, batch) is the one its config builds; "the tiny
+    X of other.py:tiny" has that file's tiny model (but for a window it says it changes)."""
+    import re
+    mod = load(path)
+    text = _tiny_text(mod.__doc__)
+    c = mod.get_config("tiny")
+    checked = 0
+    for pattern, get in TINY_FACTS:
+        m = re.search(pattern, text)
+        if m:
+            claim = next(g for g in m.groups() if g is not None)
+            assert str(get(c)) == claim, f"{os.path.basename(path)} :tiny says {m.group(0)!r}; config: {get(c)}"
+            checked += 1
+    ref = re.search(r"of (\w+\.py):tiny", text)
+    if ref:
+        other = load(os.path.join(ROOT, "experiments", ref.group(1))).get_config("tiny")
+        changed = {"window_size"} if "instead of" in text else set()
+        mine, theirs = _model(c), _model(other)
+        for k in ("embed_dim", "depth", "depths", "num_heads", "patch_size", "img_size", "window_size"):
+            if k in theirs and k not in changed:
+                assert mine.get(k) == theirs[k], f"{k}: {mine.get(k)} vs {ref.group(1)}'s {theirs[k]}"
+        checked += 1
+    assert checked or "shared tiny" in text, f"nothing checkable in {text!r}"

@@ -49,6 +49,11 @@ def test_tiny_vit_learns_and_writes_outputs(tmp_path):
     acc = float(e.stdout.split("* Acc@1")[1].split()[0])
     assert abs(acc - summary["eval_acc1"]) < 1e-6
 
+    # k-NN of the trained encoder's features: well above the 10% of chance.
+    k = run_main(tmp_path, "--config.mode=knn", *FAST)
+    knn_acc = float(k.stdout.split("Acc@1")[1].split()[0])
+    assert knn_acc > 20.0, k.stdout[-2000:]
+
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     """SIGKILL at a random step (not on a checkpoint boundary in general), start again:
@@ -72,6 +77,9 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert steps and steps[-1] < "step_00000024", (kill_at, steps)
     p = run_main(killed, *common)
     assert "resumed from" in p.stderr
+    # one metrics row per step: those the killed run wrote after its checkpoint were dropped
+    rows = [json.loads(line) for line in open(killed / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 25)), kill_at
     a, b = _params(straight), _params(killed)
     assert a.keys() == b.keys()
     for k in a:
@@ -87,9 +95,12 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     proc.communicate(timeout=120)
-    assert proc.returncode == 0
+    assert proc.returncode == 3                      # stopped, resumable (mim.cli.EXIT_STOPPED)
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["status"] == "stopped" and 3 <= summary["steps"] < 100000
     steps = sorted(os.listdir(tmp_path / "checkpoints"))
     assert len(steps) == 1 and int(steps[0][5:]) >= 3
+    assert summary["steps"] == int(steps[0][5:])     # the steps done, not the steps planned
 
 
 @pytest.mark.parametrize("override, message", [

@@ -8,6 +8,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from test_distributed import (COMMON, STEPS, TINY, _env, _free_port, assert_close_states,  # noqa: F401
                               data, metric_rows, one_rank, opt_bytes, state)
@@ -60,3 +62,44 @@ def test_slurm_script_trains_on_two_nodes(tmp_path, data, one_rank):
     assert set(opt_bytes(p.stderr)) == {0, 1}  # one process on each of the 2 "nodes"
     assert [r["step"] for r in metric_rows(wd) if "train/loss" in r] == list(range(1, STEPS + 1))
     assert_close_states(state(one_rank[0]), state(wd))
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun whose job step ends as told: FAKE_SUMMARY (if set) written to WORKDIR/summary.json,
+# then exit status FAKE_STATUS, as mim (3) or torchrun over a stopped mim (1) would.
+if [[ -n "${FAKE_SUMMARY:-}" ]]; then mkdir -p "$WORKDIR"; echo "$FAKE_SUMMARY" > "$WORKDIR/summary.json"; fi
+exit "$FAKE_STATUS"
+"""
+
+RECORDING_SCONTROL = """#!/usr/bin/env bash
+if [[ "$1 $2" == "show hostnames" ]]; then echo 127.0.0.1; exit 0; fi
+echo "$*" >> "$SCONTROL_LOG"
+"""
+
+
+@pytest.mark.parametrize("status, summary, stale, requeued, exit_code", [
+    (3, None, False, True, 0),                       # mim itself: stopped, resumable
+    (1, '{"status": "stopped"}', False, True, 0),   # through torchrun, which reports 1
+    (1, '{"status": "stopped"}', True, False, 1),   # a stopped summary of an earlier job
+    (1, None, False, False, 1),                      # a failure
+    (0, '{"status": "finished"}', False, False, 0),
+])
+def test_slurm_script_requeues_a_stopped_run(tmp_path, status, summary, stale, requeued, exit_code):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _tool(bin_dir / "srun", FAKE_SRUN)
+    _tool(bin_dir / "scontrol", RECORDING_SCONTROL)
+    wd, log = tmp_path / "run", tmp_path / "scontrol.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_NNODES="1",
+               SLURM_JOB_NODELIST="node01", SLURM_SUBMIT_DIR=ROOT, NPROC="1", WORKDIR=str(wd),
+               PYTHON=sys.executable, FAKE_STATUS=str(status), SCONTROL_LOG=str(log))
+    if stale:
+        wd.mkdir()
+        (wd / "summary.json").write_text(summary)
+        os.utime(wd / "summary.json", (1e9, 1e9))
+    elif summary:
+        env["FAKE_SUMMARY"] = summary
+    p = subprocess.run(["bash", os.path.join(ROOT, "launchers", "slurm.sbatch"), TINY], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == exit_code, p.stderr
+    assert (log.read_text().split() if log.exists() else []) == (["requeue", "77"] if requeued else [])

@@ -12,6 +12,7 @@ FORMATS = {
     "swin": "mim.checkpoints.swin",       # microsoft Swin / SimMIM classification weights
     "simmim": "mim.checkpoints.swin",     # SimMIM pretraining (Swin or BEiT-style ViT encoder)
     "beit": "mim.checkpoints.beit",       # microsoft/unilm BEiT pretraining / fine-tuned weights
+    "moby": "mim.checkpoints.moby",       # Transformer-SSL MoBY pretraining (its online encoder for Swin)
 }
 
 

@@ -29,7 +29,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +58,7 @@ def save(root: str, step: int, state: dict, meta: dict, keep: int) -> str:
     os.makedirs(tmp)
     tensors = flat_state(state)
     safetensors.torch.save_file(tensors, os.path.join(tmp, STATE))
-    meta = dict(meta, step=step, sha256=_sha256(os.path.join(tmp, STATE)))
+    meta = dict(meta, step=step, sha256=sha256(os.path.join(tmp, STATE)))
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     for name in (STATE, META):
@@ -92,7 +92,7 @@ def verify(path: str) -> dict:
     state = os.path.join(path, STATE)
     if not os.path.exists(state):
         raise CheckpointError(f"{path}: {STATE} is missing")
-    digest = _sha256(state)
+    digest = sha256(state)
     if digest != meta.get("sha256"):
         raise CheckpointError(f"{path}: {STATE} checksum mismatch (truncated or corrupt)")
     return meta

@@ -21,14 +21,17 @@ Files that are not baseline 8-bit RGB or grey JPEGs ending in an end-of-image ma
 (PNGs, CMYK or progressive JPEGs, truncated files, trailing bytes) are decoded in the worker
 with PIL and run through timm's whole transform there, as with ``decode='worker'``; they
 cross as finished uint8 images in the same batch. Unreadable files are skipped in the
-worker as always. A JPEG that passes those checks but fails on the device is replaced by
-another image of the batch, with a warning, and counted in ``skipped``.
+worker as always. A JPEG that passes those checks but fails on the device is skipped with a
+warning and counted in ``skipped``: in a training batch another image of the batch takes its
+place (the batch keeps its size), in an evaluation batch it is dropped (no image is scored
+twice). A crop box of zero width or height (timm draws one on a 1-pixel image) gives a black
+image, as PIL's crop and resize do in the worker.
 """
 from __future__ import annotations
 
 import io
 import warnings
-from typing import List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -123,8 +126,9 @@ class DeferredTransform:
 class DeviceDecoder:
     """The device half: a batch's images (1-d JPEG bytes or finished uint8 ``(C, H, W)``
     images, pinned on the host) and ``geometry`` in, one uint8 ``(N, C, H, W)``
-    channels-last batch on ``device`` out, with the number of JPEGs that failed to decode
-    there (each replaced by another image of the batch)."""
+    channels-last batch on ``device`` out, with the indices of the JPEGs that failed there.
+    ``substitute``: each failed one is replaced by another image of the batch (training);
+    else it is left out of the batch (evaluation)."""
 
     def __init__(self, compose, device):
         self.ops = _ops(compose)
@@ -134,28 +138,47 @@ class DeviceDecoder:
             raise ValueError(f"data.decode='device': torchvision decodes JPEGs on CUDA (nvJPEG) or "
                              f"the CPU, not on {self.device.type}; set data.decode='worker'")
 
-    def __call__(self, images: Sequence[torch.Tensor], geometry: torch.Tensor):
+    def __call__(self, images: Sequence[torch.Tensor], geometry: torch.Tensor,
+                 substitute: bool = True) -> Tuple[torch.Tensor, List[int]]:
         if geometry.dim() != 2 or geometry.shape != (len(images), self.width):
             raise ValueError(f"geometry of shape {tuple(geometry.shape)} for {len(images)} images "
                              f"and ops that draw {self.width} numbers each: a train batch "
                              f"replayed with the eval transform, or the other way round?")
         encoded = [i for i, x in enumerate(images) if x.dim() == 1]
         decoded = dict(zip(encoded, self._decode([images[i] for i in encoded])))
-        failed = [i for i in encoded if decoded[i] is None]
         out = []
         for i, x in enumerate(images):
             if x.dim() == 1:
                 y = decoded[i]
                 if y is not None:
-                    y = self._replay(y, geometry[i].tolist())
+                    y = self._replay_or_warn(y, geometry[i].tolist(), x.numel())
             else:
                 y = x.to(self.device, non_blocking=True)
             out.append(y)
+        failed = [i for i, y in enumerate(out) if y is None]
         good = [y for y in out if y is not None]
         if not good:
             raise RuntimeError(f"no JPEG of this batch of {len(images)} decoded on {self.device}")
-        out = [y if y is not None else good[k % len(good)] for k, y in enumerate(out)]
-        return torch.stack(out).contiguous(memory_format=torch.channels_last), len(failed)
+        if substitute:
+            out = [y if y is not None else good[k % len(good)] for k, y in enumerate(out)]
+        else:
+            out = good
+        return torch.stack(out).contiguous(memory_format=torch.channels_last), failed
+
+    def decode_batch(self, batch: Dict[str, object], train: bool) -> Dict[str, object]:
+        """A loader batch with its JPEGs decoded: ``geometry`` consumed, the failed JPEGs
+        added to ``skipped``; in evaluation (``train=False``) their rows are dropped from
+        every per-image entry (labels, masks)."""
+        batch = dict(batch)
+        n = len(batch["image"])
+        batch["image"], failed = self(batch["image"], batch.pop("geometry"), substitute=train)
+        if failed:
+            batch["skipped"] = batch["skipped"] + len(failed)
+            if not train:
+                keep = torch.tensor([i for i in range(n) if i not in set(failed)])
+                batch = {k: v[keep] if k != "image" and torch.is_tensor(v) and v.dim() > 0
+                         and v.shape[0] == n else v for k, v in batch.items()}
+        return batch
 
     def _decode(self, data: List[torch.Tensor]) -> List[torch.Tensor]:
         if not data:
@@ -172,17 +195,30 @@ class DeviceDecoder:
                 try:
                     out.append(tvio.decode_jpeg(x, mode=mode, device=self.device))
                 except RuntimeError as e:
-                    warnings.warn(f"a JPEG of {x.numel()} bytes failed to decode on {self.device} "
-                                  f"({e}); another image of the batch takes its place")
+                    warnings.warn(f"skipping a JPEG of {x.numel()} bytes that failed to decode on "
+                                  f"{self.device} ({e})")
                     out.append(None)
             return out
+
+    def _replay_or_warn(self, x: torch.Tensor, params: List[int], nbytes: int) -> Optional[torch.Tensor]:
+        try:
+            return self._replay(x, params)
+        except RuntimeError as e:
+            warnings.warn(f"skipping a JPEG of {nbytes} bytes ({x.shape[-1]}x{x.shape[-2]} pixels) "
+                          f"whose crop and resize failed on {self.device} ({e})")
+            return None
 
     def _replay(self, x: torch.Tensor, params: List[int]) -> torch.Tensor:
         for op in self.ops:
             if isinstance(op, RandomResizedCropAndInterpolation):
                 i, j, h, w = params[:4]
                 params = params[4:]
-                x = F.resized_crop(x, i, j, h, w, list(op.size), op.interpolation, antialias=True)
+                if h <= 0 or w <= 0:
+                    # On a 1-pixel side timm's draw can pass a box whose rounded side is 0;
+                    # PIL crops that to nothing and resizes it to black.
+                    x = x.new_zeros((x.shape[0], *op.size))
+                else:
+                    x = F.resized_crop(x, i, j, h, w, list(op.size), op.interpolation, antialias=True)
             elif isinstance(op, (tv.RandomHorizontalFlip, tv.RandomVerticalFlip)):
                 flip, params = params[0], params[1:]
                 if flip:
@@ -192,4 +228,3 @@ class DeviceDecoder:
             elif isinstance(op, tv.CenterCrop):
                 x = F.center_crop(x, list(op.size))
         return x
-

@@ -52,7 +52,10 @@ def load_rgb(path) -> Image.Image:
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Items are ``(index, seed)`` pairs from the samplers in :mod:`mim.data.sampler`.
+    """Items are ``(index, seed)`` pairs from the samplers in :mod:`mim.data.sampler`, or
+    ``(index, seed, False)`` from the evaluation sampler: an unreadable file then gives
+    ``None`` (dropped and counted by the collate function) instead of the next readable
+    image, so that evaluation scores every readable image exactly once.
 
     ``read(path)`` opens a file (default: decode to RGB with PIL); ``transform`` maps what
     it returns to the sample's image, or to a dict of entries that include ``image``."""
@@ -76,15 +79,16 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: Tuple[int, int]) -> Dict[str, torch.Tensor]:
-        index, seed = item
+    def __getitem__(self, item: Tuple[int, ...]) -> Optional[Dict[str, torch.Tensor]]:
+        index, seed, *rest = item
+        substitute = rest[0] if rest else True
         random.seed(seed)
         np.random.seed(seed % (1 << 32))
         torch.manual_seed(seed)
         skipped = 0
         # A file that cannot be decoded is skipped (with a warning and a count in the
         # metrics) in favour of the next one, so one bad JPEG never stops a run.
-        for attempt in range(len(self.samples)):
+        for attempt in range(len(self.samples) if substitute else 1):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
                 img = self.read(path)
@@ -93,6 +97,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 skipped += 1
                 warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
         else:
+            if not substitute:
+                return None
             raise DatasetError(f"no readable image in {self.root}")
         out = self.transform(img)
         out = dict(out) if isinstance(out, dict) else {"image": out}

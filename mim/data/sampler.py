@@ -55,7 +55,9 @@ class TrainBatchSampler:
 
 class EvalBatchSampler:
     """Every image exactly once over all ranks (rank r takes r, r+world, ...); the last
-    batch may be short, and no sample is padded or doubled."""
+    batch may be short, and no sample is padded or doubled. Its items ``(index, seed,
+    False)`` ask :class:`mim.data.folder.ImageFolder` not to replace an unreadable image
+    by the next one: evaluation skips it (and counts it) instead of scoring another twice."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int = 0):
         self.indices = list(range(rank, num_samples, world))
@@ -63,7 +65,7 @@ class EvalBatchSampler:
 
     def __iter__(self):
         for i in range(0, len(self.indices), self.batch_size):
-            yield [(j, sample_seed(self.seed, 0, j)) for j in self.indices[i:i + self.batch_size]]
+            yield [(j, sample_seed(self.seed, 0, j), False) for j in self.indices[i:i + self.batch_size]]
 
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size

@@ -7,9 +7,10 @@ layer-wise lr decay: 0 embeddings, i + 1 block i, num_layers + 1 the top), and
 ``features(params, x, cfg, blocks=False) -> {"pooled": (B, C), "blocks": [(B, L, C)]}``
 (the encoder without its head, for linear probing, k-NN and embeddings).
 """
-from mim.models import beit, mae, simmim, swin, vit
+from mim.models import beit, beit_pretrain, mae, moby, simmim, swin, vit
 
-REGISTRY = {"vit": vit, "swin": swin, "beit": beit, "mae": mae, "simmim": simmim}
+REGISTRY = {"vit": vit, "swin": swin, "beit": beit, "mae": mae, "simmim": simmim,
+            "beit_pretrain": beit_pretrain, "moby": moby}
 
 
 def get(name: str):

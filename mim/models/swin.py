@@ -346,12 +346,13 @@ def layer_id(name: str, cfg) -> int:
     return num_layers(cfg) + 1
 
 
-def features(params, x, cfg, blocks: bool = False) -> dict:
-    """Encoder features without the head: ``pooled`` (B, C), the mean of the final-normed
+def features(params, x, cfg, blocks: bool = False, train: bool = False) -> dict:
+    """Encoder features without the head (``train``: with drop path, as a frozen backbone
+    left in training mode computes them): ``pooled`` (B, C), the mean of the final-normed
     tokens (the pre-logits), and with ``blocks`` each stage's output before its patch
     merging as tokens ``(B, H_i * W_i, C_i)``."""
     body = {k: v for k, v in params.items() if k != "head"}
-    _, aux = apply(body, x, cfg, train=False)
+    _, aux = apply(body, x, cfg, train=train)
     out = {"pooled": aux["pre_logits"]}
     if blocks:
         out["blocks"] = [s.flatten(2).transpose(1, 2) for s in aux["stages"]]

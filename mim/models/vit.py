@@ -162,12 +162,13 @@ def layer_id(name: str, cfg) -> int:
     return cfg.depth + 1
 
 
-def features(params, x, cfg, blocks: bool = False) -> dict:
-    """Encoder features without the head: ``pooled`` (B, C), the pre-logits as
+def features(params, x, cfg, blocks: bool = False, train: bool = False) -> dict:
+    """Encoder features without the head (``train``: with drop path, as a frozen backbone
+    left in training mode computes them): ``pooled`` (B, C), the pre-logits as
     :func:`apply` computes them, and with ``blocks`` every block's output tokens
     ``(B, prefix + L, C)`` (before the final norm)."""
     body = {k: v for k, v in params.items() if k != "head"}
-    _, aux = apply(body, x, cfg, train=False, return_blocks=blocks)
+    _, aux = apply(body, x, cfg, train=train, return_blocks=blocks)
     out = {"pooled": aux["pre_logits"]}
     if blocks:
         out["blocks"] = aux["blocks"]

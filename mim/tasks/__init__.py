@@ -49,6 +49,7 @@ TASKS = {
     "linprobe": "mim.tasks.linprobe",
     "simmim_pretrain": "mim.tasks.simmim_pretrain",
     "beit_pretrain": "mim.tasks.beit_pretrain",
+    "moby_pretrain": "mim.tasks.moby_pretrain",
 }
 
 

@@ -33,8 +33,13 @@ BN_EPS, BN_MOMENTUM = 1e-6, 0.1
 FEATURES = ("pooled", "blocks")
 
 
-def probe_config(features: str = "pooled", batch_norm: bool = False) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(features=features, batch_norm=batch_norm))
+def probe_config(features: str = "pooled", batch_norm: bool = False,
+                 encoder_train: bool = False) -> ml_collections.ConfigDict:
+    """``encoder_train``: the frozen encoder computes its training features in training
+    mode (drop path on), as MoBY's moby_linear.py leaves the whole model in ``train()``;
+    evaluation always reads inference-mode features."""
+    return ml_collections.ConfigDict(dict(features=features, batch_norm=batch_norm,
+                                          encoder_train=encoder_train))
 
 
 def _probe(config):
@@ -129,7 +134,7 @@ def batch_norm(stats: dict, x: torch.Tensor, train: bool):
     return (x - mean) / torch.sqrt(var + BN_EPS), new
 
 
-def features(params, images, config):
+def features(params, images, config, train: bool = False):
     """What the classifier(s) read: a list of ``(B, D)`` features, one per classifier.
     No gradient flows into the frozen encoder, so its forward is not recorded for
     backward (saves the activations' memory)."""
@@ -137,7 +142,8 @@ def features(params, images, config):
     enc = {k: v for k, v in params.items() if k not in ("head", "linear")}
     blocks = config.probe.features == "blocks"
     with torch.no_grad():
-        out = module.features(enc, images, cfg, blocks=blocks)
+        out = module.features(enc, images, cfg, blocks=blocks,
+                              train=train and config.probe.get("encoder_train", False))
     if not blocks:
         return [out["pooled"]]
     return [torch.cat([b[:, 0], b[:, 1:].mean(1)], dim=-1).float() for b in out["blocks"]]
@@ -145,7 +151,7 @@ def features(params, images, config):
 
 def logits_and_state(params, model_state, images, config, train: bool):
     """A list of logits, one per classifier, and the new model state."""
-    feats = features(params, images, config)
+    feats = features(params, images, config, train)
     if config.probe.features == "blocks":
         heads = [params["linear"][str(i)] for i in range(len(feats))]
         return [F.linear(x.to(h["weight"].dtype), h["weight"], h["bias"]) for x, h in zip(feats, heads)], model_state
@@ -161,7 +167,9 @@ def logits_and_state(params, model_state, images, config, train: bool):
 def loss(params, model_state, batch, config, train: bool, frozen=None):
     logits, model_state = logits_and_state(params, model_state, batch["image"], config, train)
     # The sum over the per-block classifiers (run_linear_eval.py); one term otherwise.
-    value = sum(F.cross_entropy(z.float(), batch["label"]) for z in logits)
+    # data.label_smoothing: MoBY's moby_linear.py smooths by 0.1; MAE and BEiT do not.
+    value = sum(F.cross_entropy(z.float(), batch["label"], label_smoothing=config.data.label_smoothing)
+                for z in logits)
     metrics = {"accuracy": (logits[-1].argmax(-1) == batch["label"]).float().mean()}
     return value, (model_state, metrics)
 

@@ -8,7 +8,6 @@ out of the optimizer, the FSDP shards and the checkpoints, and passed to ``task.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Dict, Tuple
@@ -16,20 +15,13 @@ from typing import Dict, Tuple
 import torch
 
 from mim import tasks, tree
+from mim.checkpoints.io import sha256
 
 log = logging.getLogger(__name__)
 
 
 class FrozenNetworkError(ValueError):
     pass
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load(task, config, backend) -> Tuple[Dict[str, dict], Dict[str, dict]]:

@@ -46,6 +46,8 @@ def _features(setup, params, model_state, split: str) -> Tuple[torch.Tensor, tor
     feats, labels = [], []
     with torch.no_grad():
         for batch in loader:
+            if "image" not in batch:        # every file of this batch was unreadable (skipped)
+                continue
             batch = pipeline.to_device(batch, be.device, c.data, train=False, views=views)
             batch = be.cast_inputs(batch, ("image",))
             with be.autocast():
