@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, few_steps
+from conftest import ROOT, experiment, few_steps
 from mim.train import metrics
 
 
@@ -131,7 +131,8 @@ def test_stop_resume_and_rerun_tell_the_truth(tmp_path, small_data):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     # the banner (small_data: 12 train and 2 val images per class) and each checkpoint
-    for line in ("run: device cpu (compute threads 1, data workers 2), precision fp32, 1 process(es)",
+    workers = experiment("vit_b32").data.num_workers
+    for line in (f"run: device cpu (compute threads 1, data workers {workers}), precision fp32, 1 process(es)",
                  "run: train split: 120 images in 10 classes; eval split: 20 images in 10 classes",
                  "run: batch 8 global, 8 per device",
                  f"run: steps 30 planned (2.00 epochs of 15 steps), resuming at step {summary['steps']}",
