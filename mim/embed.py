@@ -34,15 +34,22 @@ import numpy as np
 import torch
 from absl import app, flags
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "mim workdir / checkpoint dir / tree file, or "
-                            "official weights with --from")
-_IMAGES = flags.DEFINE_string("images", None, "folder of images (class sub-folders give labels)")
-_OUT = flags.DEFINE_string("out", None, "features file: .safetensors or .npy")
-_FROM = flags.DEFINE_string("from", "mim", "format of --checkpoint (mim, or an official format)")
-_CONFIG = flags.DEFINE_string("config", "", "experiment FILE.py[:variant] for the model and "
-                              "transform (required unless the checkpoint saved its config)")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "images per forward")
-_DEVICE = flags.DEFINE_string("device", "auto", "auto | cpu | cuda | npu")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """The command line's flags, defined only when it runs: importing this module leaves
+    absl's global flags alone (other mim commands define flags of the same names)."""
+    flags.DEFINE_string("checkpoint", None, "mim workdir / checkpoint dir / tree file, or "
+                        "official weights with --from")
+    flags.DEFINE_string("images", None, "folder of images (class sub-folders give labels)")
+    flags.DEFINE_string("out", None, "features file: .safetensors or .npy")
+    flags.DEFINE_string("from", "mim", "format of --checkpoint (mim, or an official format)")
+    flags.DEFINE_string("config", "", "experiment FILE.py[:variant] for the model and "
+                        "transform (required unless the checkpoint saved its config)")
+    flags.DEFINE_integer("batch_size", 64, "images per forward")
+    flags.DEFINE_string("device", "auto", "auto | cpu | cuda | npu")
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -142,13 +149,14 @@ def embed(checkpoint: str, images: str, out: str, fmt: str = "mim", config_spec:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    r = embed(_CKPT.value, _IMAGES.value, _OUT.value, _FROM.value, _CONFIG.value, _BATCH.value,
-              _DEVICE.value)
+    r = embed(FLAGS.checkpoint, FLAGS.images, FLAGS.out, FLAGS["from"].value, FLAGS.config,
+              FLAGS.batch_size, FLAGS.device)
     n, c = r["features"].shape
-    print(f"wrote {_OUT.value}: {n} images x {c} features"
+    print(f"wrote {FLAGS.out}: {n} images x {c} features"
           + (f", {len(r['classes'])} classes" if r["classes"] else ""))
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["checkpoint", "images", "out"])
     app.run(main)

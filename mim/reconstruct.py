@@ -35,15 +35,22 @@ from mim.data import masks
 from mim.models import mae, simmim
 from mim.tasks import mae_pretrain, simmim_pretrain
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "mim checkpoint dir / workdir, official MAE .pth, "
-                            "or official SimMIM .pth (with --config)")
-_IMAGES = flags.DEFINE_string("images", None, "folder of images (searched recursively)")
-_OUT = flags.DEFINE_string("out", "reconstruction.png", "PNG to write")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment file for the model and "
-                                          "normalisation, e.g. experiments/mae_base.py:tiny")
-_MASK = flags.DEFINE_float("mask_ratio", None, "fraction of patches removed (default: the model's)")
-_SEED = flags.DEFINE_integer("seed", 0, "seed of the random masks")
-_MAX = flags.DEFINE_integer("max_images", 8, "at most this many images (sorted by path)")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """The command line's flags, defined only when it runs: importing this module leaves
+    absl's global flags alone (other mim commands define flags of the same names)."""
+    flags.DEFINE_string("checkpoint", None, "mim checkpoint dir / workdir, official MAE .pth, "
+                        "or official SimMIM .pth (with --config)")
+    flags.DEFINE_string("images", None, "folder of images (searched recursively)")
+    flags.DEFINE_string("out", "reconstruction.png", "PNG to write")
+    config_flags.DEFINE_config_file("config", None, "experiment file for the model and "
+                                    "normalisation, e.g. experiments/mae_base.py:tiny")
+    flags.DEFINE_float("mask_ratio", None, "fraction of patches removed (default: the model's)")
+    flags.DEFINE_integer("seed", 0, "seed of the random masks")
+    flags.DEFINE_integer("max_images", 8, "at most this many images (sorted by path)")
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -194,12 +201,13 @@ def make_grid(checkpoint: str, images: str, out: str, config=None, mask_ratio=No
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    grid, skipped = make_grid(_CKPT.value, _IMAGES.value, _OUT.value, _CONFIG.value, _MASK.value,
-                              _SEED.value, _MAX.value, return_skipped=True)
+    grid, skipped = make_grid(FLAGS.checkpoint, FLAGS.images, FLAGS.out, FLAGS.config,
+                              FLAGS.mask_ratio, FLAGS.seed, FLAGS.max_images, return_skipped=True)
     note = f"; skipped {skipped} unreadable file(s)" if skipped else ""
-    print(f"wrote {_OUT.value}{note}")
+    print(f"wrote {FLAGS.out}{note}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["checkpoint", "images"])
     app.run(main)

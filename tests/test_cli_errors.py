@@ -111,3 +111,23 @@ def test_developer_switch_and_exit_codes():
     assert (cli.EXIT_FINISHED, cli.EXIT_STOPPED) == (0, 3)
     assert cli.one_line(RuntimeError("a\n  b")) == (
         "RuntimeError: a b (MIM_DEBUG=1 or --verbose shows the traceback)")
+
+
+COMMANDS = ("mim.main", "mim.bench", "mim.sweep", "mim.embed", "mim.reconstruct", "mim.convert",
+            "mim.plot", "mim.models")
+
+
+def test_every_command_imports_beside_the_others_and_prints_its_help():
+    """Several commands define flags of the same names (--config, --out, --checkpoint): each
+    defines them only when it runs, so a program (or this suite) may import them all; each
+    command's --help names its own flags (absl's --help exits with status 1)."""
+    import importlib
+    code = "; ".join(f"importlib.import_module({m!r})" for m in COMMANDS)
+    p = subprocess.run([sys.executable, "-c", f"import importlib; {code}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for m in ("mim.embed", "mim.reconstruct"):
+        importlib.import_module(m)
+        p = subprocess.run([sys.executable, "-m", m, "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert "--checkpoint:" in p.stdout and "Traceback" not in p.stderr, p.stderr[-3000:]

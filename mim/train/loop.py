@@ -224,20 +224,23 @@ def train(config, workdir: str) -> Dict[str, float]:
             t_data = time.perf_counter()
         stopped = done < total
         signal_name = stopper.name or "a signal on another rank"
-
-    elapsed = time.perf_counter() - t_start
-    steps_run = done - start
-    summary = {"status": lifecycle.STOPPED if stopped else lifecycle.FINISHED, "steps": done,
-               "total_steps": total, "img_s_per_device": steps_run * local_batch / max(elapsed, 1e-9),
-               "final_loss": last_metrics.get("loss", float("nan")), "skipped_images": skipped_total,
-               **{f"eval_{k}": v for k, v in eval_metrics.items()}}
-    if be.is_main:
-        writer.close()
-        print("summary: " + lifecycle.fmt(summary), flush=True)
-        lifecycle.write_summary(workdir, summary)
-        plot.write_curves(workdir)
-        if stopped:
-            print(f"stopped by {signal_name} after step {done} of {total}; checkpoint "
-                  f"{last_checkpoint['path']}. Resume with the same command:\n  "
-                  f"{lifecycle.resume_command()}", flush=True)
+        # Still under the Stopper: a second Ctrl-C while the summary and curves are written
+        # exits at once, as during the steps.
+        elapsed = time.perf_counter() - t_start
+        steps_run = done - start
+        summary = {"status": lifecycle.STOPPED if stopped else lifecycle.FINISHED, "steps": done,
+                   "total_steps": total,
+                   "img_s_per_device": steps_run * local_batch / max(elapsed, 1e-9),
+                   "final_loss": last_metrics.get("loss", float("nan")),
+                   "skipped_images": skipped_total,
+                   **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+        if be.is_main:
+            writer.close()
+            print("summary: " + lifecycle.fmt(summary), flush=True)
+            lifecycle.write_summary(workdir, summary)
+            plot.write_curves(workdir)
+            if stopped:
+                print(f"stopped by {signal_name} after step {done} of {total}; checkpoint "
+                      f"{last_checkpoint['path']}. Resume with the same command:\n  "
+                      f"{lifecycle.resume_command()}", flush=True)
     return summary
