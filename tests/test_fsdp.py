@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -118,6 +119,7 @@ def param_bytes(stderr):
             re.findall(r"rank (\d+): optimizer state \d+ bytes, trainable parameters (\d+) bytes", stderr)}
 
 
+@pytest.mark.slow
 def test_fsdp_run_trains_checkpoints_and_resumes_like_unsharded(tmp_path, data, one_rank, two_ranks):
     """Through the launcher: 2 sharded ranks give the unsharded runs' losses and state
     (checkpoints are gathered into the unsharded layout), keep half of the parameters and

@@ -32,6 +32,7 @@ def _params(workdir):
     return safetensors.torch.load_file(os.path.join(d, last, "state.safetensors"))
 
 
+@pytest.mark.slow
 def test_tiny_vit_learns_and_writes_outputs(tmp_path):
     """180 steps of 32 images (about 1.4 epochs): clearly above the 10% of chance."""
     p = run_main(tmp_path, *FAST, "--config.steps=180", "--config.optim.warmup_steps=20",
@@ -55,15 +56,16 @@ def test_tiny_vit_learns_and_writes_outputs(tmp_path):
     assert knn_acc > 20.0, k.stdout[-2000:]
 
 
-def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, small_data):
     """SIGKILL at a random step (not on a checkpoint boundary in general), start again:
     bitwise the parameters and optimizer state of an uninterrupted run."""
-    common = [*FAST, "--config.steps=24", "--config.checkpoint_every=4", "--config.log_every=1",
+    common = [*FAST, f"--config.data.path={small_data}", "--config.steps=16",
+              "--config.checkpoint_every=4", "--config.log_every=1",
               "--config.eval_every=1000", "--config.deterministic=True", "--config.keep_checkpoints=2"]
     straight = tmp_path / "straight"
     run_main(straight, *common)
 
-    kill_at = random.randint(5, 22)
+    kill_at = random.randint(5, 14)
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mim.main", f"--config={TINY}", f"--workdir={killed}", *common]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -74,20 +76,21 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
             break
     proc.wait()
     steps = sorted(n for n in os.listdir(killed / "checkpoints") if n.startswith("step_"))
-    assert steps and steps[-1] < "step_00000024", (kill_at, steps)
+    assert steps and steps[-1] < "step_00000016", (kill_at, steps)
     p = run_main(killed, *common)
     assert "resumed from" in p.stderr
     # one metrics row per step: those the killed run wrote after its checkpoint were dropped
     rows = [json.loads(line) for line in open(killed / "metrics.jsonl")]
-    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 25)), kill_at
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 17)), kill_at
     a, b = _params(straight), _params(killed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), (kill_at, k)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, small_data):
     cmd = [sys.executable, "-m", "mim.main", f"--config={TINY}", f"--workdir={tmp_path}", *FAST,
+           f"--config.data.path={small_data}",
            "--config.steps=100000", "--config.checkpoint_every=100000", "--config.log_every=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
@@ -106,32 +109,46 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.optim.nme=sgd", "nme"),
     ("--config.batch_size=abc", "flag --config.batch_size=abc: invalid literal for int()"),
-    ("--config.optim.name=adam", "config.optim.name: 'adam' is not one of"),
-    ("--config.precision=fp8", "config.precision: 'fp8' is not one of"),
-    ("--config.batch_size=30", "does not split into 1 rank(s) x 4 accumulation"),
-    ("--config.data.path=/nonexistent/data", "dataset split not found: /nonexistent/data/train"),
-    ("--config.optim.layer_decay=1.5", "config.optim.layer_decay"),
-    ("--config.model.num_heads=3", "config.model.num_heads: 3 does not divide model.embed_dim=128"),
 ])
-def test_bad_configs_fail_with_a_message_naming_the_field(tmp_path, override, message):
-    extra = ["--config.grad_accum=4"] if "batch_size" in override else []
-    p = run_main(tmp_path, override, *extra, check=False, timeout=120)
+def test_bad_flags_fail_with_a_message_naming_the_field(tmp_path, override, message):
+    p = run_main(tmp_path, override, check=False, timeout=120)
     assert p.returncode != 0
     assert message in p.stderr + p.stdout, (p.stdout[-1500:], p.stderr[-1500:])
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_missing_workdir_and_foreign_checkpoint_are_errors(tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.name", "adam", "config.optim.name: 'adam' is not one of"),
+    ("precision", "fp8", "config.precision: 'fp8' is not one of"),
+    ("batch_size", 30, "does not split into 1 rank(s) x 4 accumulation"),
+    ("data.path", "/nonexistent/data", "dataset split not found: /nonexistent/data/train"),
+    ("optim.layer_decay", 1.5, "config.optim.layer_decay"),
+    ("model.num_heads", 3, "config.model.num_heads: 3 does not divide model.embed_dim=128"),
+])
+def test_bad_configs_fail_with_a_message_naming_the_field(tmp_path, key, value, message):
+    """The same checks as through the command line (tests/test_cli_errors.py shows they
+    print one line there), in this process: each stops before any file is written."""
+    from conftest import experiment
+    from mim.train import loop
+    c = experiment("vit_b32", "tiny", **{"grad_accum": 4, key: value})
+    with pytest.raises(Exception) as e:
+        loop.train(c, str(tmp_path / "run"))
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_workdir_and_foreign_checkpoint_are_errors(tmp_path, small_data):
     p = subprocess.run([sys.executable, "-m", "mim.main", f"--config={TINY}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "workdir" in p.stderr
-    run_main(tmp_path, *FAST, "--config.steps=2", "--config.eval_every=1000")
-    p = run_main(tmp_path, *FAST, "--config.steps=4", "--config.model.depth=2", check=False)
+    data = f"--config.data.path={small_data}"
+    run_main(tmp_path, *FAST, data, "--config.steps=2", "--config.eval_every=1000")
+    p = run_main(tmp_path, *FAST, data, "--config.steps=4", "--config.model.depth=2", check=False)
     assert p.returncode != 0 and "another experiment" in p.stderr
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
-    p = run_main(tmp_path, *FAST, "--config.steps=50", "--config.optim.lr=1e30", "--config.optim.clip_grad=0",
+def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path, small_data):
+    p = run_main(tmp_path, *FAST, f"--config.data.path={small_data}", "--config.steps=50", "--config.optim.lr=1e30", "--config.optim.clip_grad=0",
                  "--config.log_every=1", "--config.checkpoint_every=1", "--config.max_nonfinite_steps=2",
                  "--config.optim.warmup_steps=0", check=False)
     assert p.returncode != 0
@@ -142,9 +159,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
         assert torch.isfinite(v).all(), k
 
 
-def test_same_seed_same_losses_different_seed_different(tmp_path):
+def test_same_seed_same_losses_different_seed_different(tmp_path, small_data):
     def losses(name, *extra):
-        run_main(tmp_path / name, *FAST, "--config.steps=6", "--config.log_every=1",
+        run_main(tmp_path / name, *FAST, f"--config.data.path={small_data}", "--config.steps=6", "--config.log_every=1",
                  "--config.eval_every=1000", "--config.deterministic=True", *extra)
         return [r["train/loss"] for r in map(json.loads, open(tmp_path / name / "metrics.jsonl"))
                 if "train/loss" in r]

@@ -270,3 +270,14 @@ def test_evaluation_reports_skipped_files_and_config_waits_for_data(small_data, 
     with pytest.raises(Exception, match="dataset split not found"):
         loop.train(c, str(tmp_path / "nodata"))
     assert not (tmp_path / "nodata").exists()
+
+
+def test_the_eval_line_shows_what_the_task_measured():
+    """``mode=eval`` prints Acc@1 / Acc@5 / loss as the references' eval scripts; a
+    pretraining task's evaluation (BEiT: loss and masked-token accuracy) shows its own
+    numbers instead of 'Acc@1 nan'."""
+    from mim.train.evaluation import eval_line
+    assert eval_line({"acc1": 81.5, "acc5": 95.25, "loss": 0.75, "count": 50}) == \
+        "Acc@1 81.500 Acc@5 95.250 loss 0.7500"
+    line = eval_line({"loss": 6.5, "mlm_acc": 0.125, "count": 20, "skipped_images": 0})
+    assert line == "loss 6.5000 mlm_acc 0.125" and "nan" not in line

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import signal
@@ -57,6 +58,10 @@ class Stopper:
         if signum == signal.SIGINT and self.signal is not None:
             sys.stderr.write("\nsecond interrupt: exiting now, without a checkpoint\n")
             sys.stderr.flush()
+            # The data-loader workers go first: one left sending a batch to a process that
+            # is gone prints a ConnectionResetError traceback from its resource sharer.
+            for child in multiprocessing.active_children():
+                child.kill()
             os._exit(130)
         self.signal = signum
         sys.stderr.write(f"\n{signal.Signals(signum).name} received: stopping after this step with a "
