@@ -19,8 +19,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def pytest_collection_modifyitems(config, items):
     """Files with a test marked ``slow`` run first (stable order otherwise): under
-    ``-n 2`` (``--dist loadfile``, setup.cfg) the longest files start at once on the two
-    workers instead of one of them finishing alone."""
+    ``-n 2`` (setup.cfg: ``--dist loadfile --no-loadscope-reorder``, without which xdist
+    sends the files with the most tests first) the longest files start at once on the
+    two workers instead of one of them finishing alone."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
 
