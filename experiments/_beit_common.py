@@ -87,15 +87,7 @@ def pretrain(arg=None, name: str = "beit_base.py"):
         c.tokenizer = tokenizers.config("dalle", dtype="float32", **TINY_TOKENIZER)
         c.mask = beit_task.mask_config(**TINY_MASK)
         c.data.crop_scale = (0.35, 1.0)           # 8% crops of 32-px images are 9 px
-        c.batch_size = 64
-        c.epochs = 0.0
-        c.steps = 300
-        c.optim.lr = 1.5e-3
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 20
-        c.log_every = 25
-        c.eval_every = 300
-        c.checkpoint_every = 300
+        shared.tiny_schedule(c, batch_size=64, steps=300, warmup_steps=20, log_every=25, lr=1.5e-3)
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)
@@ -155,23 +147,14 @@ def finetune(arg=None, name: str = "beit_base_finetune.py"):
     if v.tiny:
         _tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
-        c.batch_size = 128
         c.eval_batch_size = 500
-        c.epochs = 0.0
-        c.steps = 300
-        c.optim.lr = 2e-3
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 30
-        c.optim.weight_decay = 0.05
-        c.optim.layer_decay = 0.65
+        shared.tiny_schedule(c, batch_size=128, steps=300, warmup_steps=30, lr=2e-3,
+                             weight_decay=0.05, layer_decay=0.65)
         # RandAugment, erasing and mixing on 32-px images from a short run only add noise.
         c.data.auto_augment = ""
         c.data.re_prob = 0.0
         c.data.mixup = c.data.cutmix = 0.0
         c.data.crop_scale = (0.35, 1.0)
-        c.log_every = 50
-        c.eval_every = 300
-        c.checkpoint_every = 300
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)
@@ -213,14 +196,8 @@ def linprobe(arg=None, name: str = "beit_base_linprobe.py"):
     if v.tiny:
         _tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
-        c.batch_size = 256
-        c.epochs = 0.0
-        c.steps = 150
-        c.optim.lr = 4e-3
+        shared.tiny_schedule(c, batch_size=256, steps=150, lr=4e-3)
         c.data.crop_scale = (0.35, 1.0)
-        c.log_every = 50
-        c.eval_every = 150
-        c.checkpoint_every = 150
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)

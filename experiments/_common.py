@@ -80,6 +80,22 @@ def tiny_data(c, num_workers: int = 1):
     c.eval_batch_size = 500
 
 
+def tiny_schedule(c, *, batch_size: int, steps: int, every: int = 0, log_every: int = 50,
+                  warmup_steps=None, **optim):
+    """A :tiny run measured in steps, not epochs: ``batch_size``, ``steps``, a warmup of
+    ``warmup_steps`` steps (None keeps the recipe's), ``optim`` fields (``base_lr=``, ...),
+    and evaluation and checkpoints every ``every`` steps (0: at the end only)."""
+    c.batch_size = batch_size
+    c.epochs = 0.0
+    c.steps = steps
+    c.optim.update(optim)
+    if warmup_steps is not None:
+        c.optim.warmup_epochs = 0.0
+        c.optim.warmup_steps = warmup_steps
+    c.log_every = log_every
+    c.eval_every = c.checkpoint_every = every or steps
+
+
 def perf(c, steps: int = 50):
     """A short run that prints throughput: no evaluation or checkpoint before the end."""
     c.steps = steps

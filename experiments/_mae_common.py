@@ -57,16 +57,8 @@ def pretrain(size: str, arg=None, name: str = "mae"):
     if v.tiny:
         shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, **TINY_DECODER)
-        c.batch_size = 128
-        c.epochs = 0.0
-        c.steps = 600
         # A short run needs a larger base lr than the 800-epoch schedule.
-        c.optim.base_lr = 2e-3
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 40
-        c.log_every = 50
-        c.eval_every = 300
-        c.checkpoint_every = 300
+        shared.tiny_schedule(c, batch_size=128, steps=600, every=300, warmup_steps=40, base_lr=2e-3)
         c.recon.every = 300
     if v.perf:
         shared.perf(c)
@@ -131,19 +123,11 @@ def finetune(size: str, arg=None, *, base_lr: float, layer_decay: float, drop_pa
     if v.tiny:
         shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
-        c.batch_size = 128
-        c.epochs = 0.0
-        c.steps = 300
-        c.optim.base_lr = 2e-3
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 30
+        shared.tiny_schedule(c, batch_size=128, steps=300, warmup_steps=30, base_lr=2e-3)
         # RandAugment and erasing on 32-px images from a short run only add noise.
         c.data.auto_augment = ""
         c.data.re_prob = 0.0
         c.data.crop_scale = (0.35, 1.0)
-        c.log_every = 50
-        c.eval_every = 300
-        c.checkpoint_every = 300
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)
@@ -186,18 +170,10 @@ def linprobe(size: str, arg=None, name: str = "mae_linprobe"):
     if v.tiny:
         shared.tiny_data(c)
         c.model.update(**TINY_ENCODER, num_classes=TINY_CLASSES)
-        c.batch_size = 256
-        c.epochs = 0.0
-        c.steps = 150
         # LARS moves each matrix by about lr * 0.001 of its norm per step (You et al. 2017):
         # the reference's 7,000 steps at lr 6.4 become 150 steps at lr 30.
-        c.optim.base_lr = 30.0
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 15
+        shared.tiny_schedule(c, batch_size=256, steps=150, warmup_steps=15, base_lr=30.0)
         c.data.crop_scale = (0.35, 1.0)
-        c.log_every = 50
-        c.eval_every = 150
-        c.checkpoint_every = 150
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)

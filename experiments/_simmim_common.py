@@ -107,18 +107,9 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         enc = TINY_SWIN if backbone == "swin" else dict(TINY_VIT, drop_path_rate=0.0)
         c.model.encoder.update(enc)
         c.model.mask_patch_size = TINY_MASK_PATCH
-        c.batch_size = 128
-        c.epochs = 0.0
-        c.steps = 600
         # A short run needs a larger base lr than the 100/800-epoch schedules.
-        c.optim.base_lr = 2e-3
-        c.optim.min_lr = 1e-5
-        c.optim.warmup_init_lr = 0.0
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 30
-        c.log_every = 50
-        c.eval_every = 300
-        c.checkpoint_every = 300
+        shared.tiny_schedule(c, batch_size=128, steps=600, every=300, warmup_steps=30,
+                             base_lr=2e-3, min_lr=1e-5, warmup_init_lr=0.0)
         c.recon.every = 300
     if v.perf:
         shared.perf(c)
@@ -193,14 +184,8 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
             c.model.update(TINY_SWIN, window_size=TINY_SWIN_FINETUNE_WINDOW, num_classes=TINY_CLASSES)
         else:
             c.model.update(TINY_VIT, num_classes=TINY_CLASSES)
-        c.batch_size = 128
-        c.epochs = 0.0
-        c.steps = 300
-        c.optim.base_lr = 2e-3
-        c.optim.min_lr = 1e-5
-        c.optim.warmup_init_lr = 0.0
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 30
+        shared.tiny_schedule(c, batch_size=128, steps=300, warmup_steps=30, base_lr=2e-3,
+                             min_lr=1e-5, warmup_init_lr=0.0)
         # RandAugment, erasing and mixup/cutmix on 32-px images in a 300-step run only add
         # noise to the comparison this variant is for (pretrained vs random init).
         c.data.auto_augment = ""
@@ -209,9 +194,6 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
         c.data.mixup = 0.0
         c.data.cutmix = 0.0
         c.data.crop_scale = (0.35, 1.0)
-        c.log_every = 50
-        c.eval_every = 300
-        c.checkpoint_every = 300
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)

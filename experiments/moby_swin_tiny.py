@@ -72,17 +72,9 @@ def get_config(arg=None):
         shared.tiny_data(c)
         c.model.encoder.update(TINY_ENCODER)
         c.model.update(mlp_hidden_dim=512, mlp_out_dim=128, contrast_num_negative=1024)
-        c.batch_size = 128
-        c.epochs = 0.0
-        c.steps = 600
-        c.optim.base_lr = 1e-3          # lr 5e-4 at batch 128
-        c.optim.min_lr = 1e-5
-        c.optim.warmup_init_lr = 0.0
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 30
-        c.log_every = 50
-        c.eval_every = 300
-        c.checkpoint_every = 300
+        # base lr 1e-3: lr 5e-4 at batch 128
+        shared.tiny_schedule(c, batch_size=128, steps=600, every=300, warmup_steps=30,
+                             base_lr=1e-3, min_lr=1e-5, warmup_init_lr=0.0)
         c.knn_every = 300
     if v.perf:
         shared.perf(c)

@@ -76,18 +76,9 @@ def get_config(arg=None):
     if v.tiny:
         shared.tiny_data(c)
         c.model.update(pretrain.TINY_ENCODER, num_classes=pretrain.TINY_CLASSES)
-        c.batch_size = 256
-        c.epochs = 0.0
-        c.steps = 300
-        c.optim.base_lr = 0.5
-        c.optim.warmup_init_lr = 0.0
-        c.optim.min_lr = 0.0
-        c.optim.warmup_epochs = 0.0
-        c.optim.warmup_steps = 15
+        shared.tiny_schedule(c, batch_size=256, steps=300, warmup_steps=15, base_lr=0.5,
+                             warmup_init_lr=0.0, min_lr=0.0)
         c.data.crop_scale = (0.35, 1.0)
-        c.log_every = 50
-        c.eval_every = 300
-        c.checkpoint_every = 300
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)
