@@ -77,6 +77,7 @@ def pretrain(arg=None, name: str = "beit_base.py"):
     c.optim.weight_decay = 0.05
     c.optim.warmup_epochs = 10.0
     c.optim.min_lr = 1e-5                         # --min_lr default
+    c.optim.schedule = "beit_cosine"              # utils.cosine_scheduler, per iteration
     c.optim.clip_grad = 3.0
     c.precision = "amp_bf16"                      # the reference: fp16 autocast + GradScaler
     c.log_every = 50
@@ -122,6 +123,7 @@ def finetune(arg=None, name: str = "beit_base_finetune.py"):
     c.optim.b1, c.optim.b2 = 0.9, 0.999
     c.optim.warmup_epochs = 5.0
     c.optim.min_lr = 1e-6
+    c.optim.schedule = "beit_cosine"              # utils.cosine_scheduler, per iteration
     c.precision = "amp_bf16"                      # the reference: DeepSpeed fp16 (Apex O2)
     c.log_every = 50
     if v.start == "ft22k":
@@ -189,8 +191,10 @@ def linprobe(arg=None, name: str = "beit_base_linprobe.py"):
     c.data.num_workers = 10
     c.optim.name = "adamw"
     c.optim.lr = 4e-3
-    c.optim.weight_decay = 1e-4
-    c.optim.min_lr = 0.0                          # CosineAnnealingLR(eta_min=0), no warm-up
+    c.optim.weight_decay = 1e-4                   # on every tensor, biases too (a plain AdamW group)
+    c.optim.exempt_1d = False
+    c.optim.min_lr = 0.0
+    c.optim.schedule = "epoch_cosine"             # CosineAnnealingLR(T_max=epochs, eta_min=0), per epoch
     c.precision = "amp_bf16"                      # --amp_forward True
     c.log_every = 20
     if v.tiny:

@@ -6,6 +6,7 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "third_party", "cifar10-mini")
+BUNDLED_TRAIN_IMAGES = 4000   # its train split: 10 classes x 400 (epochs of a :tiny schedule)
 
 # Keys every experiment file accepts in its variant string (see parse_arg).
 COMMON_KEYS = dict(

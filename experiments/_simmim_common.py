@@ -52,17 +52,20 @@ TINY_CLASSES = 10
 # ----------------------------------------------------------------------------------------
 # Pretraining (main_simmim.py).
 
-# Per backbone: (reference TRAIN.BASE_LR, MIN_LR per 512 images, epochs). Swin-B: the
-# 100-epoch config (cosine; the 800-epoch one uses BASE_LR 1e-4 and a multistep schedule,
-# see the experiment file). ViT-B: the 800-epoch config (multistep in the reference,
-# cosine to the config.py default MIN_LR 5e-6 here; see simmim_vit_base.py).
-PRETRAIN = {"swin": (2e-4, 1e-5, 100.0), "vit": (1e-4, 5e-6, 800.0)}
-# TRAIN.WARMUP_LR of the yaml files: the lr the linear warm-up starts from (per 512).
-WARMUP_LR = {"pretrain": {"swin": 1e-6, "vit": 5e-7}, "finetune": {"swin": 2.5e-7, "vit": 2.5e-7}}
+# Per (backbone, epochs): the yaml's TRAIN.BASE_LR, MIN_LR and WARMUP_LR (per 512 images)
+# and LR_SCHEDULER.MULTISTEPS (GAMMA 0.1), empty for the cosine configs. Swin-B: the
+# 100-epoch config (cosine, the default) or the 800-epoch one; ViT-B: the 800-epoch config.
+PRETRAIN = {("swin", 100): (2e-4, 1e-5, 1e-6, ()),
+            ("swin", 800): (1e-4, 0.0, 5e-7, (700.0,)),
+            ("vit", 800): (1e-4, 0.0, 5e-7, (700.0,))}
+PRETRAIN_EPOCHS = {"swin": 100, "vit": 800}
+# TRAIN.WARMUP_LR of the fine-tuning yaml files (per 512).
+WARMUP_LR = {"finetune": {"swin": 2.5e-7, "vit": 2.5e-7}}
 
 
 def pretrain(backbone: str, arg=None, name: str = "simmim"):
-    v = shared.parse_arg(arg, name)
+    v = shared.parse_arg(arg, name, epochs=PRETRAIN_EPOCHS[backbone])
+    shared.check_choice(v.epochs, sorted(e for b, e in PRETRAIN if b == backbone), "epochs", name)
     c = config_lib.base()
     c.task = "simmim_pretrain"
     if backbone == "swin":
@@ -76,7 +79,8 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
             drop_path_rate=0.1, layer_scale_init=0.1, use_abs_pos_emb=False,
             use_shared_rel_pos_bias=True, use_rel_pos_bias=False, qkv_bias=True))
     c.model.update(mask_patch_size=32, mask_ratio=0.6)   # DATA.MASK_PATCH_SIZE / MASK_RATIO
-    base_lr, min_lr, epochs = PRETRAIN[backbone]
+    base_lr, min_lr, warmup_lr, milestones = PRETRAIN[backbone, v.epochs]
+    epochs = float(v.epochs)
     c.batch_size = REFERENCE_BATCH
     c.eval_batch_size = 1024
     c.epochs = epochs
@@ -91,11 +95,18 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.base_lr = per_256(base_lr)
     c.optim.min_lr = absolute(min_lr)
-    c.optim.warmup_init_lr = absolute(WARMUP_LR["pretrain"][backbone])
-    c.optim.schedule = "cosine"
+    c.optim.warmup_init_lr = absolute(warmup_lr)
+    # lr_scheduler.build_scheduler, stepped after each optimizer step in micro-batches
+    if milestones:
+        c.optim.schedule = "timm_multistep"
+        c.optim.milestones = milestones
+        c.optim.gamma = 0.1
+    else:
+        c.optim.schedule = "timm_cosine"
     c.optim.warmup_epochs = 10.0
     c.optim.weight_decay = 0.05
-    c.optim.clip_grad = 5.0        # TRAIN.CLIP_GRAD
+    c.optim.clip_grad = 5.0        # TRAIN.CLIP_GRAD, after every backward (train_one_epoch)
+    c.optim.clip_mode = "micro_batch"
     c.precision = "amp_bf16"       # the reference: apex O1 (fp16 autocast); amp_fp16 for that
     c.log_every = 100              # PRINT_FREQ
     c.recon = ml_collections.ConfigDict(dict(
@@ -109,7 +120,9 @@ def pretrain(backbone: str, arg=None, name: str = "simmim"):
         c.model.mask_patch_size = TINY_MASK_PATCH
         # A short run needs a larger base lr than the 100/800-epoch schedules.
         shared.tiny_schedule(c, batch_size=128, steps=600, every=300, warmup_steps=30,
-                             base_lr=2e-3, min_lr=1e-5, warmup_init_lr=0.0)
+                             base_lr=2e-3, warmup_init_lr=0.0, min_lr=0.0 if milestones else 1e-5)
+        if milestones:  # x0.1 at 7/8 of the run, as at epoch 700 of 800
+            c.optim.milestones = (round(600 * 7 / 8 * 128 / shared.BUNDLED_TRAIN_IMAGES, 2),)
         c.recon.every = 300
     if v.perf:
         shared.perf(c)
@@ -171,11 +184,12 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
     c.optim.base_lr = per_256(base_lr)
     c.optim.min_lr = absolute(min_lr)
     c.optim.warmup_init_lr = absolute(WARMUP_LR["finetune"][backbone])
-    c.optim.schedule = "cosine"
+    c.optim.schedule = "timm_cosine"
     c.optim.warmup_epochs = 20.0
     c.optim.weight_decay = 0.05
     c.optim.layer_decay = layer_decay
     c.optim.clip_grad = 5.0
+    c.optim.clip_mode = "micro_batch"
     c.precision = "amp_bf16"
     c.log_every = 100
     if v.tiny:

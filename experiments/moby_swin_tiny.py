@@ -13,9 +13,9 @@ for the 100-epoch row), 5 warm-up epochs from 5e-7, cosine to 5e-6.
 Learning rates: the reference scales BASE_LR 1e-3, WARMUP_LR 5e-7 and MIN_LR 5e-6 by
 global batch / 512; mim's ``optim.base_lr`` is per 256 images (5e-4 here, giving 1e-3 at
 512) and ``min_lr`` / ``warmup_init_lr`` are absolute (set for batch 512: scale them with
-the batch). timm's cosine (the reference's scheduler, ``t_initial`` = all steps) counts its
-period from step 0, mim's from the end of the warm-up: the two differ by at most the
-warm-up's share (5 of 300 epochs) of the cosine.
+the batch). The schedule is the reference's timm ``CosineLRScheduler`` (``t_initial`` = all
+steps, the cosine counted from step 0), stepped after each optimizer step as moby_main.py
+steps it (``schedule="timm_cosine"``), and the gradient is clipped after its backward.
 
 Reference: linear evaluation (experiments/moby_swin_tiny_linear.py) 75.3% top-1 after 300
 epochs, 70.9% after 100 (get_started.md).
@@ -60,10 +60,11 @@ def get_config(arg=None):
     c.optim.base_lr = 1e-3 * 256 / 512  # BASE_LR 1e-3 per 512 images
     c.optim.warmup_init_lr = 5e-7       # WARMUP_LR at batch 512
     c.optim.min_lr = 5e-6               # MIN_LR at batch 512
-    c.optim.schedule = "cosine"
+    c.optim.schedule = "timm_cosine"    # lr_scheduler.build_scheduler, step_update after the step
     c.optim.warmup_epochs = 5.0
     c.optim.weight_decay = 0.05
     c.optim.clip_grad = 5.0
+    c.optim.clip_mode = "micro_batch"   # clip_grad_norm_ after every backward (train_one_epoch)
     c.precision = "amp_bf16"            # the reference: apex O1 (fp16 autocast); amp_fp16 for that
     c.log_every = 10                    # PRINT_FREQ
     c.eval_every = 25_020               # 10 epochs of 2502 steps: loss on val with fixed views

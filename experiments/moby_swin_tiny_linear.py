@@ -67,10 +67,11 @@ def get_config(arg=None):
     c.optim.base_lr = 1.0 * 256 / 512   # --lr 1.0 per 512 images
     c.optim.warmup_init_lr = 5e-7
     c.optim.min_lr = 5e-6
-    c.optim.schedule = "cosine"
+    c.optim.schedule = "timm_cosine"    # lr_scheduler.build_scheduler, step_update after the step
     c.optim.warmup_epochs = 5.0
     c.optim.weight_decay = 0.0
     c.optim.clip_grad = 5.0
+    c.optim.clip_mode = "micro_batch"   # clip_grad_norm_ after every backward (train_one_epoch)
     c.precision = "amp_bf16"
     c.log_every = 10
     if v.tiny:

@@ -16,11 +16,14 @@ Reference: fine-tuned at 224 px / window 7 (experiments/simmim_swin_base_finetun
     python -m mim.main --config=experiments/simmim_swin_base.py --workdir=runs/simmim_swin_base \
         --config.data.path=/data/imagenet
 
-Not expressible in mim's config (see docs/simmim.md): timm's cosine counts its period
-from step 0 rather than from the end of the warm-up. The 800-epoch config (BASE_LR 1e-4,
-multistep decay x0.1 at epoch 700) needs a multistep schedule.
+The schedule is the reference's timm ``CosineLRScheduler`` (its cosine counted from step 0),
+stepped after each optimizer step in micro-batches as main_simmim.py steps it
+(``optim.schedule="timm_cosine"``); gradients are clipped after every micro-batch's
+backward (``optim.clip_mode="micro_batch"``).
 
 Variants:
+    :epochs=800  the 800-epoch config (BASE_LR 1e-4, WARMUP_LR 5e-7, multistep x0.1 at
+            epoch 700: ``optim.schedule="timm_multistep"``); 84.0% after fine-tuning.
     :tiny   a 2-stage Swin (patch 4, window 4, width 64, depths 2-2) with 8-px mask
             patches on the bundled 32-px CIFAR-10 subset, 600 steps on 2 CPU cores; see
             docs/simmim.md.

@@ -14,10 +14,10 @@ Reference: 83.8% top-1 after fine-tuning (experiments/simmim_vit_base_finetune.p
     python -m mim.main --config=experiments/simmim_vit_base.py --workdir=runs/simmim_vit_base \
         --config.data.path=/data/imagenet
 
-Difference from the reference (docs/simmim.md): the reference decays the lr x0.1 at
-epoch 700 (multistep) where this file decays by cosine to 2e-5 (the config.py default
-MIN_LR 5e-6 per 512), for lack of a multistep schedule in mim; its warm-up starts at
-WARMUP_LR 5e-7, mim's at 0.
+The schedule is SimMIM's ``MultiStepLRScheduler`` (lr_scheduler.py): warm-up from WARMUP_LR
+5e-7 per 512 (optim.warmup_init_lr = 2e-6), then x0.1 at epoch 700, stepped after each
+optimizer step in micro-batches (``optim.schedule="timm_multistep"``); gradients are
+clipped after every micro-batch's backward (``optim.clip_mode="micro_batch"``).
 
 Variants:
     :tiny   a 4-block, 128-d BEiT-style ViT (patch 4) with 8-px mask patches on the bundled 32-px

@@ -2,9 +2,11 @@
 on ImageNet-1k.
 
 Recipe of the reference fine-tuning (Dosovitskiy et al. 2021, Sec. 4.1 and App. B.1.1;
-the PyTorch ViT port used on Ascend): SGD with momentum 0.9, no weight decay, global
-batch 512, lr 0.03 with 500 warm-up steps and cosine decay, gradient clipping at
-global norm 1, 224 px, zero-initialised head. Reference: about 80.7% top-1 after 8
+the PyTorch port jeonsworld/ViT-pytorch ``train.py``, the one used on Ascend): SGD with
+momentum 0.9, no weight decay, global batch 512, lr 0.03 with 500 warm-up steps and
+cosine decay to 0 (``WarmupCosineSchedule``, stepped before each optimizer step, so step
+``k`` trains at the factor for ``k + 1``: ``optim.schedule="vit_cosine"``), gradient
+clipping at global norm 1 once per optimizer step, 224 px, zero-initialised head. Reference: about 80.7% top-1 after 8
 epochs on 8 devices.
 
     python -m mim.main --config=experiments/vit_b32.py --workdir=runs/vit_b32 \
@@ -45,7 +47,9 @@ def get_config(arg=None):
     c.optim.lr = 0.03
     c.optim.weight_decay = 0.0
     c.optim.warmup_steps = 500
-    c.optim.clip_grad = 1.0
+    # ViT-pytorch's WarmupCosineSchedule (utils/scheduler.py), stepped before optimizer.step()
+    c.optim.schedule = "vit_cosine"
+    c.optim.clip_grad = 1.0           # --max_grad_norm, once per optimizer step
     c.precision = "amp_bf16"
     c.log_every = 50
     c.init.format = "timm"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mim import backend, optim
+from mim import backend, optim, schedules
 
 MODES = ("train", "eval", "knn")
 def base() -> ml_collections.ConfigDict:
@@ -46,7 +46,13 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     d = c.data
-    d.path = ""
+    d.format = "folder"           # folder | wds (tar shards) | hf (Hugging Face datasets); docs/data.md
+    d.path = ""                   # folder: root/<split>/<class>/*; wds: shard folder or pattern; hf: path or name
+    d.eval_path = ""              # wds: the eval split's shard pattern when data.path is a pattern
+    d.shuffle_buffer = 0          # wds, hf_streaming: samples in the shuffle buffer; 0: 1000
+    d.hf_image_column = "image"   # hf: the image column (Image feature or file bytes)
+    d.hf_label_column = "label"   # hf: the class-index column
+    d.hf_streaming = False        # hf: read the dataset's shards as a stream (mim.data.streams)
     d.train_split = "train"
     d.eval_split = "val"
     d.num_workers = 2
@@ -78,17 +84,29 @@ def base() -> ml_collections.ConfigDict:
     o.lr = 0.0                    # absolute learning rate, or ...
     o.base_lr = 0.0               # ... lr = base_lr * batch_size / 256 (MAE, BEiT, SimMIM)
     o.min_lr = 0.0
-    o.schedule = "cosine"         # cosine | constant
+    o.schedule = "cosine"         # the reference's lr schedule, as it steps it (mim.schedules):
+                                  # cosine (MAE) | beit_cosine | timm_cosine (Swin, SimMIM, MoBY) |
+                                  # timm_multistep (SimMIM 800 ep) | vit_cosine (ViT-pytorch) |
+                                  # epoch_cosine (BEiT linear probe) | constant
     o.warmup_epochs = 0.0
     o.warmup_steps = 0            # wins over warmup_epochs when > 0
     o.warmup_init_lr = 0.0        # lr at step 0 of the linear warm-up (SimMIM's WARMUP_LR)
+    o.milestones = ()             # timm_multistep: epochs where the lr is multiplied by gamma
+    o.gamma = 0.1                 # timm_multistep: TRAIN.LR_SCHEDULER.GAMMA
     o.weight_decay = 0.0
+    # BEiT --weight_decay_end: a cosine from weight_decay to this, per step, for the decaying
+    # groups (None: constant weight_decay)
+    o.weight_decay_end = ml_collections.FieldReference(None, field_type=float)
+    o.exempt_1d = True            # 1-D tensors (biases, norms) get no weight decay; False: they do
     o.b1 = 0.9
     o.b2 = 0.999
     o.eps = 1e-8
     o.momentum = 0.9
     o.nesterov = False
     o.clip_grad = 0.0             # max global grad norm; 0: off
+    # step: clip the accumulated gradient once before the update (MAE, BEiT, ViT-pytorch);
+    # micro_batch: clip the running sum after every micro-batch's backward (Swin, SimMIM, MoBY)
+    o.clip_mode = "step"
     o.layer_decay = 1.0
     o.frozen = ()                 # regexes of parameter names not trained
     o.lr_multipliers = ()         # ((regex, factor), ...)
@@ -120,7 +138,8 @@ def validate(c, world_size: int = 1) -> None:
     _one_of(c, "precision", backend.PRECISIONS)
     _one_of(c, "compile", backend.COMPILE)
     _one_of(c, "optim.name", optim.OPTIMIZERS)
-    _one_of(c, "optim.schedule", optim.SCHEDULES)
+    _one_of(c, "optim.schedule", schedules.SCHEDULES)
+    _one_of(c, "optim.clip_mode", ("step", "micro_batch"))
     from mim.checkpoints import FORMATS
     _one_of(c, "init.format", ("mim",) + tuple(FORMATS))
     _one_of(c, "sharding", ("none", "fsdp"))
@@ -148,6 +167,7 @@ def validate(c, world_size: int = 1) -> None:
     _check(per_rank >= c.grad_accum, "grad_accum", "more accumulation steps than images per rank")
     _check(bool(c.data.path), "data.path", "no dataset given; set --config.data.path=/path/to/root "
            "with root/train/<class>/*.jpg and root/val/<class>/*.jpg")
+    _validate_format(c.data)
     o = c.optim
     _check((o.lr > 0) != (o.base_lr > 0), "optim.lr",
            f"set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch/256); "
@@ -158,6 +178,21 @@ def validate(c, world_size: int = 1) -> None:
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
     _check(0 <= o.warmup_init_lr <= learning_rate(c), "optim.warmup_init_lr",
            f"must be in [0, lr={learning_rate(c)}], got {o.warmup_init_lr}")
+    _check(o.weight_decay_end is None or o.weight_decay_end >= 0, "optim.weight_decay_end",
+           f"must be >= 0 (or None: constant weight decay), got {o.weight_decay_end}")
+    _check(bool(o.milestones) == (o.schedule == "timm_multistep"), "optim.milestones",
+           "timm_multistep needs milestones (epochs); no other schedule reads them"
+           if o.schedule == "timm_multistep" else
+           f"only schedule='timm_multistep' reads milestones (schedule={o.schedule!r})")
+    _check(all(m > 0 for m in o.milestones), "optim.milestones", f"must be positive epochs, got {tuple(o.milestones)}")
+    _check(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    if o.schedule in ("vit_cosine", "timm_multistep"):
+        _check(o.min_lr == 0, "optim.min_lr", f"schedule={o.schedule!r} has no final lr (it ends at "
+               f"{'0' if o.schedule == 'vit_cosine' else 'the last milestone'}); set min_lr=0")
+    if o.schedule == "epoch_cosine":
+        _check(not (o.warmup_steps or o.warmup_epochs or o.warmup_init_lr), "optim.warmup_epochs",
+               "schedule='epoch_cosine' (CosineAnnealingLR per epoch) has no warm-up; set "
+               "warmup_steps, warmup_epochs and warmup_init_lr to 0")
     d = c.data
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
            f"must be (min, max) in (0, 1], got {tuple(d.crop_scale)}")
@@ -189,6 +224,26 @@ def validate(c, world_size: int = 1) -> None:
     if "embed_dim" in m and "num_heads" in m and isinstance(m.num_heads, int):
         _check(m.embed_dim % m.num_heads == 0, "model.num_heads",
                f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}")
+
+
+def _validate_format(d) -> None:
+    """The data.format fields: each is refused where it would do nothing."""
+    _one_of({"data": d}, "data.format", ("folder", "wds", "hf"))
+    streamed = d.format == "wds" or (d.format == "hf" and d.hf_streaming)
+    _check(not d.eval_path or d.format == "wds", "data.eval_path",
+           f"is for data.format='wds' (shard patterns), not {d.format!r}")
+    _check(isinstance(d.shuffle_buffer, int) and d.shuffle_buffer >= 0, "data.shuffle_buffer",
+           f"must be a non-negative integer, got {d.shuffle_buffer!r}")
+    _check(not d.shuffle_buffer or streamed, "data.shuffle_buffer",
+           f"is for streamed data (wds, hf with hf_streaming); data.format={d.format!r} "
+           f"shuffles each epoch fully")
+    if d.format == "hf":
+        for f in ("hf_image_column", "hf_label_column"):
+            _check(isinstance(d[f], str) and bool(d[f]), f"data.{f}", "must name a column")
+    else:
+        for f, default in (("hf_image_column", "image"), ("hf_label_column", "label"),
+                           ("hf_streaming", False)):
+            _check(d[f] == default, f"data.{f}", f"is for data.format='hf', not {d.format!r}")
 
 
 def import_sibling(experiment_file: str, name: str):

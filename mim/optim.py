@@ -8,7 +8,6 @@ lr decay, freezing and lr multipliers are all config.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -25,10 +24,12 @@ class Group:
     weight_decay: float
 
 
-def no_decay(name: str, shape, patterns: Sequence[str]) -> bool:
+def no_decay(name: str, shape, patterns: Sequence[str], exempt_1d: bool = True) -> bool:
     """Biases and norm weights (1-D) and names matching ``patterns`` (position
-    embeddings, class / mask tokens) are not decayed, as in timm, MAE and BEiT."""
-    return len(shape) <= 1 or any(re.search(p, name) for p in patterns)
+    embeddings, class / mask tokens) are not decayed, as in timm, MAE, BEiT and Swin.
+    ``exempt_1d=False`` decays 1-D tensors too, as a plain ``torch.optim`` group does
+    (BEiT's run_linear_eval.py: ``AdamW(linear_classifier.parameters(), weight_decay=1e-4)``)."""
+    return (exempt_1d and len(shape) <= 1) or any(re.search(p, name) for p in patterns)
 
 
 def make_groups(shapes: Dict[str, torch.Size], *, weight_decay: float,
@@ -36,7 +37,7 @@ def make_groups(shapes: Dict[str, torch.Size], *, weight_decay: float,
                 layer_decay: float = 1.0,
                 layer_id: Optional[Callable[[str], int]] = None,
                 num_layers: int = 0,
-                lr_multipliers: Sequence = ()) -> List[Group]:
+                lr_multipliers: Sequence = (), exempt_1d: bool = True) -> List[Group]:
     """Group trainable parameters by (lr scale, weight decay), in a stable order.
 
     Layer decay (Clark et al. 2020; BEiT Sec. 3.3): layer ``i`` of ``num_layers + 2``
@@ -52,46 +53,13 @@ def make_groups(shapes: Dict[str, torch.Size], *, weight_decay: float,
         for pattern, factor in lr_multipliers:
             if re.search(pattern, name):
                 scale *= factor
-        wd = 0.0 if no_decay(name, shape, no_decay_patterns) else weight_decay
+        wd = 0.0 if no_decay(name, shape, no_decay_patterns, exempt_1d) else weight_decay
         keyed.setdefault((scale, wd), []).append(name)
     return [Group(names, s, wd) for (s, wd), names in keyed.items()]
 
 
 def trainable_names(names: Sequence[str], frozen_patterns: Sequence[str]) -> List[str]:
     return [n for n in names if not any(re.search(p, n) for p in frozen_patterns)]
-
-
-# ---------------------------------------------------------------------------
-# Schedules: functions of the step *tensor*, so they run inside a compiled step
-# without a host round-trip.
-
-
-def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int = 0,
-                  min_lr: float = 0.0, warmup_init_lr: float = 0.0):
-    """Linear warm-up then half-cosine decay to ``min_lr`` (Loshchilov & Hutter 2017),
-    evaluated per step, as MAE's ``adjust_learning_rate`` does per iteration."""
-    decay_steps = max(total_steps - warmup_steps, 1)
-
-    def schedule(step: torch.Tensor) -> torch.Tensor:
-        s = step.to(torch.float32)
-        warm = warmup_init_lr + (base_lr - warmup_init_lr) * s / max(warmup_steps, 1)
-        t = torch.clamp((s - warmup_steps) / decay_steps, 0.0, 1.0)
-        cos = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + torch.cos(math.pi * t))
-        return torch.where(s < warmup_steps, warm, cos)
-
-    return schedule
-
-
-def warmup_constant(base_lr: float, warmup_steps: int = 0, warmup_init_lr: float = 0.0):
-    def schedule(step: torch.Tensor) -> torch.Tensor:
-        s = step.to(torch.float32)
-        frac = torch.clamp(s / max(warmup_steps, 1), max=1.0) if warmup_steps else torch.ones_like(s)
-        return warmup_init_lr + (base_lr - warmup_init_lr) * frac
-
-    return schedule
-
-
-SCHEDULES = ("cosine", "constant")
 
 
 # ---------------------------------------------------------------------------
@@ -117,8 +85,19 @@ def clip_by_global_norm(grads: List[torch.Tensor], max_norm: float,
 
 
 # ---------------------------------------------------------------------------
-# Optimizers. ``init(params) -> state``; ``update(params, grads, state, lr, groups)``
-# updates ``params`` and ``state`` in place. ``params``/``grads`` are flat dicts.
+# Optimizers. ``init(params) -> state``; ``update(params, grads, state, lr, groups, wd)``
+# updates ``params`` and ``state`` in place. ``params``/``grads`` are flat dicts; ``lr`` is
+# one value per group (or one tensor, scaled by each group's ``lr_scale``), ``wd`` one
+# weight decay per group (None: each group's own).
+
+
+def per_group(lr, groups: List[Group], wd=None):
+    """Each group's (lr, weight decay) from :meth:`update`'s ``lr`` and ``wd``."""
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr * g.lr_scale for g in groups]
+    wds = [g.weight_decay for g in groups] if wd is None else list(wd)
+    if len(lrs) != len(groups) or len(wds) != len(groups):
+        raise ValueError(f"{len(groups)} parameter groups, {len(lrs)} lrs, {len(wds)} weight decays")
+    return zip(groups, lrs, wds)
 
 
 class AdamW:
@@ -131,19 +110,19 @@ class AdamW:
         return {"count": torch.zeros((), dtype=torch.int64, device=_device(params)),
                 "mu": _zeros(params), "nu": _zeros(params)}
 
-    def update(self, params, grads, state, lr: torch.Tensor, groups: List[Group]):
+    def update(self, params, grads, state, lr, groups: List[Group], wd=None):
         state["count"].add_(1)
-        t = state["count"].to(lr.dtype)
+        first = lr[0] if isinstance(lr, (list, tuple)) else lr
+        t = state["count"].to(first.dtype if torch.is_tensor(first) else torch.float32)
         bc1 = 1 - self.b1 ** t
         bc2 = 1 - self.b2 ** t
-        for g in groups:
+        for g, glr, gwd in per_group(lr, groups, wd):
             p = [params[n] for n in g.names]
             d = [grads[n] for n in g.names]
             m = [state["mu"][n] for n in g.names]
             v = [state["nu"][n] for n in g.names]
-            glr = lr * g.lr_scale
             if g.weight_decay:
-                torch._foreach_mul_(p, 1 - glr * g.weight_decay)
+                torch._foreach_mul_(p, 1 - glr * gwd)
             torch._foreach_lerp_(m, d, 1 - self.b1)
             torch._foreach_mul_(v, self.b2)
             torch._foreach_addcmul_(v, d, d, 1 - self.b2)
@@ -168,19 +147,20 @@ class SGD:
         return {"count": torch.zeros((), dtype=torch.int64, device=_device(params)),
                 "momentum": _zeros(params)}
 
-    def update(self, params, grads, state, lr, groups):
+    def update(self, params, grads, state, lr, groups, wd=None):
         state["count"].add_(1)
-        for g in groups:
+        for g, glr, gwd in per_group(lr, groups, wd):
             p = [params[n] for n in g.names]
             d = [grads[n] for n in g.names]
             if g.weight_decay:
-                d = torch._foreach_add(d, p, alpha=g.weight_decay)
+                d = (torch._foreach_add(d, torch._foreach_mul(p, gwd)) if torch.is_tensor(gwd)
+                     else torch._foreach_add(d, p, alpha=gwd))
             if self.momentum:
                 buf = [state["momentum"][n] for n in g.names]
                 torch._foreach_mul_(buf, self.momentum)
                 torch._foreach_add_(buf, d)
                 d = torch._foreach_add(d, buf, alpha=self.momentum) if self.nesterov else buf
-            upd = torch._foreach_mul(d, -lr * g.lr_scale)
+            upd = torch._foreach_mul(d, -glr)
             torch._foreach_add_(p, upd)
 
 
@@ -195,19 +175,19 @@ class LARS:
         return {"count": torch.zeros((), dtype=torch.int64, device=_device(params)),
                 "momentum": _zeros(params)}
 
-    def update(self, params, grads, state, lr, groups):
+    def update(self, params, grads, state, lr, groups, wd=None):
         state["count"].add_(1)
-        for g in groups:
+        for g, glr, gwd in per_group(lr, groups, wd):
             for n in g.names:
                 p, d, mu = params[n], grads[n], state["momentum"][n]
                 if p.ndim > 1:
-                    d = d + g.weight_decay * p
+                    d = d + gwd * p
                     pn, un = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     one = torch.ones_like(pn)
                     q = torch.where(pn > 0, torch.where(un > 0, self.eta * pn / un, one), one)
                     d = d * q
                 mu.mul_(self.momentum).add_(d)
-                p.add_(mu * (-lr * g.lr_scale))
+                p.add_(mu * (-glr))
 
 
 OPTIMIZERS = ("adamw", "sgd", "lars")

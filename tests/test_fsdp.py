@@ -31,7 +31,7 @@ def _step_worker(rank, world, port, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.nn.functional as F
-    from mim import backend, optim, tree
+    from mim import backend, optim, schedules, tree
     from mim.models import vit
     from mim.train import sharding as sharding_lib
     from mim.train import step as step_lib
@@ -69,7 +69,7 @@ def _step_worker(rank, world, port, out_dir):
                    "lars": optim.LARS(0.9)}[opt_name]
             shard = sharding_lib.create(mode, names, be)
             st = step_lib.create_state(params, {}, opt, names, be, sharding=shard)
-            fns = step_lib.build(loss, opt, groups, optim.warmup_cosine(1e-2, 10, 1), be,
+            fns = step_lib.build(loss, opt, groups, schedules.mae_cosine(1e-2, 10, 1), be,
                                  grad_accum=accum, clip_grad=0.5, sharding=shard)
             ls, norms = [], []
             for b in batches:

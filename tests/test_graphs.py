@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mim import backend, config as config_lib, optim, tree
+from mim import backend, config as config_lib, optim, schedules, tree
 from mim.models import vit
 from mim.train import graphs
 from mim.train import step as step_lib
@@ -28,7 +28,7 @@ def _setup(device="cpu", compile_=False, **build):
     groups = optim.make_groups({n: tree.flatten(params)[n].shape for n in names}, weight_decay=0.05)
     opt = optim.AdamW(0.9, 0.95)
     state = step_lib.create_state(params, {}, opt, names, be)
-    fns = step_lib.build(_loss, opt, groups, optim.warmup_cosine(1e-3, 20, 2), be, clip_grad=1.0, **build)
+    fns = step_lib.build(_loss, opt, groups, schedules.mae_cosine(1e-3, 20, 2), be, clip_grad=1.0, **build)
     return state, fns
 
 

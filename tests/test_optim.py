@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mim import optim
+from mim import optim, schedules
 
 
 def _problem(seed=0):
@@ -132,7 +132,7 @@ def test_lars_matches_reference_formula():
 
 
 def test_warmup_cosine_matches_formula():
-    sched = optim.warmup_cosine(1.0, total_steps=100, warmup_steps=10, min_lr=0.1)
+    sched = schedules.mae_cosine(1.0, total_steps=100, warmup_steps=10, min_lr=0.1)
     for s in [0, 5, 10, 40, 99, 100, 150]:
         if s < 10:
             want = s / 10
@@ -155,9 +155,9 @@ def test_clip_matches_torch():
 
 
 def test_warmup_from_init_lr_and_constant_schedule():
-    cos = optim.warmup_cosine(1.0, total_steps=20, warmup_steps=10, warmup_init_lr=0.1)
+    cos = schedules.mae_cosine(1.0, total_steps=20, warmup_steps=10, warmup_init_lr=0.1)
     assert abs(cos(torch.tensor(0)).item() - 0.1) < 1e-7
     assert abs(cos(torch.tensor(5)).item() - 0.55) < 1e-6
-    const = optim.warmup_constant(2.0, warmup_steps=4, warmup_init_lr=1.0)
+    const = schedules.warmup_constant(2.0, warmup_steps=4, warmup_init_lr=1.0)
     assert [round(const(torch.tensor(s)).item(), 6) for s in (0, 2, 4, 9)] == [1.0, 1.5, 2.0, 2.0]
-    assert optim.warmup_constant(3.0)(torch.tensor(7)).item() == 3.0
+    assert schedules.warmup_constant(3.0)(torch.tensor(7)).item() == 3.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mim import backend, optim, tree
+from mim import backend, optim, tree, schedules
 from mim.models import vit
 from mim.train import step as step_lib
 
@@ -23,7 +23,7 @@ def _setup(precision="fp32", compile_=False, accum=1, clip=1.0, lr=1e-3):
     groups = optim.make_groups({n: tree.flatten(params)[n].shape for n in names}, weight_decay=0.05)
     opt = optim.AdamW(0.9, 0.95)
     state = step_lib.create_state(params, {}, opt, names, be)
-    fns = step_lib.build(_loss, opt, groups, optim.warmup_cosine(lr, 20, 2), be, grad_accum=accum, clip_grad=clip)
+    fns = step_lib.build(_loss, opt, groups, schedules.mae_cosine(lr, 20, 2), be, grad_accum=accum, clip_grad=clip)
     return state, fns, groups
 
 
@@ -39,7 +39,7 @@ def test_step_matches_autograd_and_torch_optim():
     ref = {k: v.clone().requires_grad_() for k, v in params0.items()}
     o = torch.optim.AdamW([{"params": [ref[n] for n in g.names], "weight_decay": g.weight_decay} for g in groups],
                           betas=(0.9, 0.95), lr=0.0)
-    sched = optim.warmup_cosine(1e-3, 20, 2)
+    sched = schedules.mae_cosine(1e-3, 20, 2)
     for i, b in enumerate(_batches(5)):
         state, m = fns.train_step(state, b)
         for grp in o.param_groups:

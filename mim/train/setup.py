@@ -11,7 +11,7 @@ import os
 import torch
 
 from mim import backend as backend_lib
-from mim import checkpoints, optim, tasks, tree
+from mim import checkpoints, optim, schedules, tasks, tree
 from mim import config as config_lib
 from mim.checkpoints import io as ckpt
 from mim.checkpoints import weights
@@ -27,13 +27,41 @@ def fingerprint(config) -> dict:
     return {"task": config.task, "model": json.loads(config.model.to_json())}
 
 
-def schedule_for(config, total_steps: int, steps_per_epoch: int):
+def schedule_for(config, total_steps: int, steps_per_epoch: int) -> schedules.Schedule:
+    """The run's :class:`mim.schedules.Schedule`, counted as its reference counts: optimizer
+    steps (MAE, BEiT, ViT-pytorch), micro-batches (Swin-family timm schedulers: ``A``
+    micro-batches per optimizer step) or epochs (BEiT's linear probe)."""
     lr = config_lib.learning_rate(config)
-    o = config.optim
-    warmup = o.warmup_steps or int(round(o.warmup_epochs * steps_per_epoch))
-    if o.schedule == "cosine":
-        return optim.warmup_cosine(lr, total_steps, warmup, o.min_lr, o.warmup_init_lr)
-    return optim.warmup_constant(lr, warmup, o.warmup_init_lr)
+    o, accum = config.optim, config.grad_accum
+    name = o.schedule
+    if name == "cosine":  # MAE's fractional epochs: the warm-up length is not rounded
+        warmup = float(o.warmup_steps) if o.warmup_steps else o.warmup_epochs * steps_per_epoch
+        out = schedules.mae_cosine(lr, total_steps, warmup, o.min_lr, o.warmup_init_lr)
+    elif name in ("timm_cosine", "timm_multistep"):
+        # build_scheduler: int(EPOCHS * n_iter_per_epoch), int(WARMUP_EPOCHS * ...) with
+        # n_iter_per_epoch = len(data_loader), in micro-batches
+        micro_per_epoch = steps_per_epoch * accum
+        warmup = o.warmup_steps * accum if o.warmup_steps else int(o.warmup_epochs * micro_per_epoch)
+        if name == "timm_cosine":
+            out = schedules.timm_cosine(lr, total_steps * accum, warmup, o.min_lr,
+                                        o.warmup_init_lr, accum)
+        else:
+            milestones = [int(m * micro_per_epoch) for m in o.milestones]
+            out = schedules.timm_multistep(lr, milestones, o.gamma, warmup, o.warmup_init_lr, accum)
+    else:
+        warmup = o.warmup_steps or int(round(o.warmup_epochs * steps_per_epoch))
+        if name == "beit_cosine":
+            out = schedules.beit_cosine(lr, total_steps, warmup, o.min_lr, o.warmup_init_lr)
+        elif name == "vit_cosine":
+            out = schedules.vit_cosine(lr, total_steps, warmup, o.warmup_init_lr)
+        elif name == "epoch_cosine":
+            epochs = max(int(round(total_steps / max(steps_per_epoch, 1))), 1)
+            out = schedules.epoch_cosine(lr, epochs, steps_per_epoch, o.min_lr)
+        else:
+            out = schedules.warmup_constant(lr, warmup, o.warmup_init_lr)
+    if o.weight_decay_end is not None:
+        out = schedules.with_weight_decay(out, o.weight_decay, o.weight_decay_end, total_steps)
+    return out
 
 
 @dataclasses.dataclass
@@ -120,13 +148,14 @@ class Setup:
             {n: flat[n].shape for n in trainable}, weight_decay=c.optim.weight_decay,
             no_decay_patterns=rules.no_decay, layer_decay=c.optim.layer_decay,
             layer_id=rules.layer_id, num_layers=rules.num_layers,
-            lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers])
+            lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers], exempt_1d=c.optim.exempt_1d)
         opt = optim.create(c.optim.name, c.optim)
         shard = sharding_lib.create(c.sharding, trainable, be)
         state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard)
         fns = step_lib.build(self.loss_fn(), opt, groups,
                              schedule_for(c, total_steps, steps_per_epoch), be,
                              grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
+                             clip_mode=c.optim.clip_mode,
                              sharding=shard, cuda_graphs=c.cuda_graphs,
                              input_keys=self.input_keys(), **self.state_hooks(total_steps))
         return Built(state, fns, groups, trainable, opt, shard)

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from mim import optim, tree
+from mim import optim, schedules, tree
 from mim.backend import Backend
 from mim.train import graphs
 
@@ -114,9 +114,9 @@ def all_reduce_mean_(tensors: List[torch.Tensor], world: int, bucket_bytes: int 
         t.copy_(r)
 
 
-def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
+def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules.Schedule,
           backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None,
-          sharding=None, cuda_graphs: bool = False, input_keys=("image",),
+          clip_mode: str = "step", sharding=None, cuda_graphs: bool = False, input_keys=("image",),
           before_step: Optional[Callable] = None, after_step: Optional[Callable] = None) -> StepFns:
     """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``.
 
@@ -126,6 +126,14 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
     the backward; each rank updates its shards (see that module). ``cuda_graphs``: the
     whole train step is recorded as a CUDA graph and replayed (:mod:`mim.train.graphs`).
 
+    ``schedule`` gives each group's lr (and the decaying groups' weight decay) from the
+    step tensor. ``clip_mode``: ``"step"`` clips the accumulated gradient once before the
+    update (MAE's and BEiT's loss scalers, ViT-pytorch); ``"micro_batch"`` clips the running
+    sum after every micro-batch's backward, as Swin-family loops call ``clip_grad_norm_``
+    after each ``loss.backward()`` (SimMIM main_simmim.py / main_finetune.py, MoBY
+    moby_linear.py); on several ranks each micro-batch's gradient is then averaged before
+    its clip, as DDP's backward does.
+
     ``input_keys``: the batch's image entries, cast for the precision policy
     (:meth:`Backend.cast_inputs`). ``before_step`` / ``after_step``
     ``(params, model_state, step)``: update ``model_state`` in place once per optimizer
@@ -133,6 +141,12 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
     (``step`` counts it); ``params`` is the whole tree, in full precision."""
     if cuda_graphs:
         _check_graphable(backend, sharding)
+    if clip_mode not in ("step", "micro_batch"):
+        raise ValueError(f"clip_mode={clip_mode!r}: must be 'step' or 'micro_batch'")
+    clip_micro = bool(clip_grad) and clip_mode == "micro_batch"
+    reduce_micro = clip_micro and sharding is None and backend.distributed
+    lr_scales = [g.lr_scale for g in groups]
+    decays = [g.weight_decay for g in groups]
     trainable = [n for g in groups for n in g.names]
     trainable_set = set(trainable)
     input_keys = frozenset(input_keys)
@@ -170,18 +184,39 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
         scale = state["loss_scale"]["scale"] if "loss_scale" in state else None
         return batch, train_params, frozen, scale
 
-    def accumulate(state, batch, grad_of):
-        """Sum ``grad_of(micro, model_state)`` over the micro-batches; mean metrics."""
-        grads, losses, metrics_list = None, [], []
+    def clip_running(grads, unscale):
+        """``clip_grad_norm_`` of the running sum (``clip_mode="micro_batch"``): its norm
+        once divided by ``unscale`` (the loss scale; x world under FSDP, whose shards hold
+        the ranks' sum) is at most ``clip_grad``."""
+        names = list(grads)
+        g = [grads[n] for n in names]
+        norm = optim.global_norm(g)
+        if sharding is not None:
+            norm = sharding.full(norm)
+        if unscale is not None:
+            norm = norm / unscale
+        coef = torch.clamp(clip_grad / (norm + 1e-6), max=1.0)
+        return dict(zip(names, torch._foreach_mul(g, coef.to(g[0].dtype)))), norm
+
+    def accumulate(state, batch, grad_of, unscale=None):
+        """Sum ``grad_of(micro, model_state)`` over the micro-batches (clipping the running
+        sum after each one under ``clip_mode="micro_batch"``); mean metrics."""
+        grads, losses, metrics_list, norm = None, [], [], None
         model_state = state["model_state"]
         for micro in split_batch(batch, grad_accum):
             g, loss, model_state, metrics = grad_of(micro, model_state)
+            if reduce_micro:
+                g = dict(zip(trainable, all_reduce_mean([g[n] for n in trainable], backend.world_size)))
             grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
+            if clip_micro:
+                grads, norm = clip_running(grads, unscale)
             losses.append(loss)
             metrics_list.append(metrics)
         state["model_state"] = model_state
         metrics = {k: torch.stack([m[k] for m in metrics_list]).float().mean() for k in metrics_list[0]}
         metrics["loss"] = torch.stack(losses).mean()
+        if norm is not None:  # the last clip's norm, as the reference logs it
+            metrics["grad_norm"] = norm
         return grads, metrics
 
     if sharding is None:
@@ -194,7 +229,7 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
                 g, (_, (loss, model_state, metrics)) = grad_fn(train_params, frozen, model_state, micro, scale)
                 return g, loss, model_state, metrics
 
-            return accumulate(state, batch, grad_of)
+            return accumulate(state, batch, grad_of, scale)
 
         eager_grad_step = grad_step
     else:
@@ -217,7 +252,9 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
                     g = torch.autograd.grad(obj, [leaves[n] for n in trainable])
                     return dict(zip(trainable, g)), loss, tree.map(torch.Tensor.detach, model_state), metrics
 
-                grads, metrics = accumulate(state, batch, grad_of)
+                unscale = None if not clip_micro else (
+                    float(sharding.world) if scale is None else scale * sharding.world)
+                grads, metrics = accumulate(state, batch, grad_of, unscale)
                 # The reduce-scatter summed the ranks' gradients (the loss is not divided
                 # before the backward, so fp16 overflows as on one rank): average them.
                 shards = torch._foreach_div([grads[n] for n in trainable], float(sharding.world))
@@ -232,21 +269,28 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
         g = [grads[n].float() if backend.master_weights else grads[n] for n in trainable]
         if "loss_scale" in state:
             g = torch._foreach_div(g, state["loss_scale"]["scale"])
-        norm = optim.global_norm(g)
-        if sharding is not None:  # the norm of DTensor shards is a partial result
-            norm = sharding.full(norm)
-        if clip_grad:
-            g, norm = optim.clip_by_global_norm(g, clip_grad, norm)
-        lr = schedule(state["step"])
+        if clip_micro:  # clipped after each micro-batch already; its last norm is logged
+            norm = metrics.pop("grad_norm")
+        else:
+            norm = optim.global_norm(g)
+            if sharding is not None:  # the norm of DTensor shards is a partial result
+                norm = sharding.full(norm)
+            if clip_grad:
+                g, norm = optim.clip_by_global_norm(g, clip_grad, norm)
+        step = state["step"]
+        lrs = schedule.group_lrs(step, lr_scales)
+        wds = schedule.group_weight_decays(step, decays) if schedule.weight_decay is not None else None
         gd = dict(zip(trainable, g))
         flat = tree.flatten(state["params"])
         if "master" in state:
-            opt.update(state["master"], gd, state["opt"], lr, groups)
+            opt.update(state["master"], gd, state["opt"], lrs, groups, wds)
             torch._foreach_copy_([flat[n] for n in trainable], [state["master"][n] for n in trainable])
         else:  # full-precision parameters, or FSDP's fp32 shards
-            opt.update({n: flat[n] for n in trainable}, gd, state["opt"], lr, groups)
+            opt.update({n: flat[n] for n in trainable}, gd, state["opt"], lrs, groups, wds)
+        metrics = dict(metrics, grad_norm=norm, lr=schedule(step))
+        if schedule.weight_decay is not None:
+            metrics["weight_decay"] = schedule.weight_decay(step)
         state["step"].add_(1)
-        metrics = dict(metrics, grad_norm=norm, lr=lr)
         return state, metrics
 
     def before(state):
@@ -284,7 +328,7 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: Callable,
     def host_step(state, batch):
         compiled_before(state)
         grads, metrics = compiled_grad(state, batch)
-        if sharding is None and backend.distributed:
+        if sharding is None and backend.distributed and not reduce_micro:
             grads = dict(zip(trainable, all_reduce_mean([grads[n] for n in trainable],
                                                         backend.world_size)))
         if "loss_scale" in state:
