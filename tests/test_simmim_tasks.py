@@ -202,19 +202,27 @@ def test_learning_rates_are_the_references_at_batch_2048():
     """The reference's lr = BASE_LR * total_batch / 512 (main_simmim.py, main_finetune.py)
     with the configs' BASE_LR and MIN_LR and the README's 16 x 128 batch; mim's base_lr is
     per 256."""
-    expected = {  # experiment: (BASE_LR, MIN_LR) per 512, from configs/*.yaml
-        "simmim_swin_base": (2e-4, 1e-5),
-        "simmim_swin_base_finetune": (1.25e-3, 2.5e-7),
-        "simmim_vit_base": (1e-4, 5e-6),
-        "simmim_vit_base_finetune": (1.25e-3, 2.5e-7),
+    expected = {  # experiment: (BASE_LR, MIN_LR, WARMUP_LR) per 512, from configs/*.yaml
+        "simmim_swin_base": (2e-4, 1e-5, 1e-6),
+        "simmim_swin_base_finetune": (1.25e-3, 2.5e-7, 2.5e-7),
+        "simmim_vit_base": (1e-4, 0.0, 5e-7),          # multistep: MIN_LR unused
+        "simmim_vit_base_finetune": (1.25e-3, 2.5e-7, 2.5e-7),
     }
-    for name, (base_lr, min_lr) in expected.items():
+    for name, (base_lr, min_lr, warmup_lr) in expected.items():
         c = experiment(name, None)
         assert c.batch_size == 2048
         assert config_lib.learning_rate(c) == pytest.approx(base_lr * 2048 / 512)
         assert c.optim.base_lr == pytest.approx(base_lr / 2)
         assert c.optim.min_lr == pytest.approx(min_lr * 2048 / 512)
+        assert c.optim.warmup_init_lr == pytest.approx(warmup_lr * 2048 / 512)
         assert c.optim.clip_grad == 5.0 and c.optim.weight_decay == 0.05
+        assert c.optim.clip_mode == "micro_batch"
+    v = experiment("simmim_vit_base", None)
+    assert (v.optim.schedule, tuple(v.optim.milestones), v.optim.gamma) == ("timm_multistep", (700.0,), 0.1)
+    s800 = experiment("simmim_swin_base", "epochs=800")
+    assert (s800.epochs, s800.optim.schedule, tuple(s800.optim.milestones)) == (800, "timm_multistep", (700.0,))
+    assert config_lib.learning_rate(s800) == pytest.approx(1e-4 * 2048 / 512)
+    assert s800.optim.warmup_init_lr == pytest.approx(5e-7 * 2048 / 512)
     assert experiment("simmim_swin_base_finetune", None).optim.layer_decay == 0.9
     assert experiment("simmim_vit_base_finetune", None).optim.layer_decay == 0.65
 
