@@ -270,7 +270,9 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
     ``[q.k, q.queue] / T``, label 0, mean over the batch. No gradient reaches the queue."""
     l_pos = (q * k).sum(1, keepdim=True)
     l_neg = q @ queue.detach()
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    # Softmax and batch mean in fp32 whatever the policy (l_neg, a matrix product, leaves
+    # autocast in low precision), as every loss reduction in mim.
+    logits = torch.cat([l_pos, l_neg], dim=1).float() / temperature
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels)
 

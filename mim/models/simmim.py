@@ -140,9 +140,13 @@ def pixel_mask(mask: torch.Tensor, patch: int) -> torch.Tensor:
 
 def reconstruction_loss(x, x_rec, mask, patch: int) -> torch.Tensor:
     """L1 on masked pixels (Sec. 3.4), normalised as the reference: sum over masked pixels
-    and channels / (number of masked pixel positions + 1e-5) / channels."""
-    m = pixel_mask(mask, patch).to(x_rec.dtype)
-    l1 = (x - x_rec).abs()
+    and channels / (number of masked pixel positions + 1e-5) / channels.
+
+    Reduced in fp32 whatever the precision policy: a micro-batch of a few 192-px images
+    masks more pixels than fp16's largest value (65,504), so an fp16 count is ``inf``
+    and the loss silently 0; the reference's ``F.l1_loss`` under autocast is fp32 too."""
+    m = pixel_mask(mask, patch).float()
+    l1 = (x.float() - x_rec.float()).abs()
     return (l1 * m).sum() / (m.sum() + 1e-5) / x.shape[1]
 
 

@@ -120,6 +120,8 @@ def _forward(params, batch, config, train: bool, frozen):
 
 def loss(params, model_state, batch, config, train: bool, frozen):
     ce, correct, valid = _forward(params, batch, config, train, frozen)
+    # fp32 weights and cross-entropies (_forward upcasts the logits) whatever the policy:
+    # an fp16 count of masked tokens would overflow past 65,504 (874 images at 75 each).
     w = valid.float()
     # check_beit_mask refuses settings that give empty masks; an all-empty micro-batch
     # (probability ~1e-12 per image at 75 of 196) would contribute nothing, not 0/0.

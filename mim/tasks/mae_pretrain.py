@@ -27,7 +27,9 @@ def loss(params, model_state, batch, config, train: bool, frozen=None):
 
 def evaluate(params, model_state, batch, config, frozen=None):
     value, aux = mae.apply(params, batch["image"], batch["noise"], config.model)
-    masked = aux["mask"].sum()
+    # The mask has the activations' dtype; counted in fp16 (largest value 65,504) a large
+    # eval batch would overflow, so count in fp32 and sum over the split in fp64.
+    masked = aux["mask"].float().sum().double()
     # Sums, so that the mean over the split weights every masked patch equally.
     return {"loss_sum": value.double() * masked, "masked_patches": masked,
             "count": torch.tensor(batch["image"].shape[0], device=masked.device)}
