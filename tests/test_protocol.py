@@ -12,7 +12,7 @@ import torch
 import toy_tasks
 from mim import backend as backend_lib
 from mim import config as config_lib
-from mim import optim, tasks, tree
+from mim import optim, schedules, tasks, tree
 from mim.checkpoints import io
 from mim.train import frozen as frozen_lib
 from mim.train import loop
@@ -139,7 +139,7 @@ def test_state_update_runs_once_per_optimizer_step(grad_accum, compiled):
         toy_tasks.EmaTask.update_state_after_step(p, s, k, total, None)
 
     fns = step_lib.build(lambda p, s, b, t: toy_tasks.EmaTask.loss(p, s, b, None, t, {}), opt, groups,
-                         lambda step: torch.tensor(0.3), be, grad_accum=grad_accum, after_step=after)
+                         schedules.warmup_constant(0.3), be, grad_accum=grad_accum, after_step=after)
     trajectory = []
     for i in range(total):
         g = torch.Generator().manual_seed(i)
@@ -170,7 +170,7 @@ def test_state_update_before_step_sees_the_steps_done():
     groups = optim.make_groups({"w": (3,)}, weight_decay=0.0)
     state = step_lib.create_state(params, {"count": torch.zeros((), dtype=torch.int64)}, opt, ["w"], be)
     fns = step_lib.build(lambda p, s, b, t: ((p["w"] * b["x"]).sum(), (s, {})), opt, groups,
-                         lambda step: torch.tensor(0.1), be, grad_accum=2, before_step=before)
+                         schedules.warmup_constant(0.1), be, grad_accum=2, before_step=before)
     for _ in range(3):
         state, _ = fns.train_step(state, {"x": torch.ones(4, 3)})
     assert seen == [0, 1, 2] and int(state["model_state"]["count"]) == 3
