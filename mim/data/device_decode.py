@@ -64,7 +64,11 @@ def read(path: str) -> Union[Encoded, Image.Image]:
     """The worker's read for ``decode='device'``: an :class:`Encoded` JPEG when the device
     can decode it, else the image decoded by PIL (:func:`mim.data.folder.load_rgb`)."""
     with open(path, "rb") as f:
-        raw = f.read()
+        return read_bytes(f.read())
+
+
+def read_bytes(raw: bytes) -> Union[Encoded, Image.Image]:
+    """:func:`read` for bytes already in memory (a member of a tar shard, a dataset row)."""
     header = Image.open(io.BytesIO(raw))
     if _device_decodable(raw, header):
         return Encoded(torch.frombuffer(bytearray(raw), dtype=torch.uint8), header)

@@ -7,6 +7,7 @@ workers, ranks, or where a resumed run restarted.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import random
@@ -51,6 +52,32 @@ def load_rgb(path) -> Image.Image:
     return img.convert("RGB")
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators: a sample's transform draws from them."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def finish_sample(img, label: int, seed: int, transform: Callable, extras=None,
+                  skipped: int = 0) -> Dict[str, torch.Tensor]:
+    """A decoded (or, for ``data.decode='device'``, encoded) image through the transform,
+    with its label, skipped-file count and per-sample extras: the one path every format's
+    reader (folder, tar shards, Hugging Face rows) feeds, so tasks, views and masks never
+    depend on where the bytes came from."""
+    out = transform(img)
+    out = dict(out) if isinstance(out, dict) else {"image": out}
+    out.update(label=torch.tensor(label), skipped=torch.tensor(skipped))
+    if extras is not None:
+        out.update(extras(torch.Generator().manual_seed(seed)))
+    return out
+
+
+def decode_bytes(raw: bytes) -> Image.Image:
+    """An image file's bytes to RGB (the worker's read for ``data.decode='worker'``)."""
+    return load_rgb(io.BytesIO(raw))
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Items are ``(index, seed)`` pairs from the samplers in :mod:`mim.data.sampler`, or
     ``(index, seed, False)`` from the evaluation sampler: an unreadable file then gives
@@ -82,9 +109,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, item: Tuple[int, ...]) -> Optional[Dict[str, torch.Tensor]]:
         index, seed, *rest = item
         substitute = rest[0] if rest else True
-        random.seed(seed)
-        np.random.seed(seed % (1 << 32))
-        torch.manual_seed(seed)
+        seed_all(seed)
         skipped = 0
         # A file that cannot be decoded is skipped (with a warning and a count in the
         # metrics) in favour of the next one, so one bad JPEG never stops a run.
@@ -100,9 +125,4 @@ class ImageFolder(torch.utils.data.Dataset):
             if not substitute:
                 return None
             raise DatasetError(f"no readable image in {self.root}")
-        out = self.transform(img)
-        out = dict(out) if isinstance(out, dict) else {"image": out}
-        out.update(label=torch.tensor(label), skipped=torch.tensor(skipped))
-        if self.extras is not None:
-            out.update(self.extras(torch.Generator().manual_seed(seed)))
-        return out
+        return finish_sample(img, label, seed, self.transform, self.extras, skipped)

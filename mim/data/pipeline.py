@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 
 from mim import tasks as tasks_lib
-from mim.data import device_decode, folder, sampler, transforms
+from mim.data import device_decode, folder, hf, sampler, streams, transforms, wds
 
 
 def _seed_extras(extras_fn, config, gen: torch.Generator, erase: bool = False) -> Dict[str, torch.Tensor]:
@@ -38,13 +38,77 @@ def _loader(dataset, batch_sampler, config, collate, device_type):
         prefetch_factor=config.data.prefetch if workers > 0 else None)
 
 
+def _read(config):
+    """Bytes (a shard member, a dataset row) to what the transform takes."""
+    return device_decode.read_bytes if config.data.decode == "device" else folder.decode_bytes
+
+
 def _dataset(config, split: str, transform, extras=None):
-    if config.data.decode == "device" and transform is None:
+    """A random-access split (a folder, a Hugging Face dataset without streaming) whose
+    items are the samplers' ``(index, seed)``."""
+    d = config.data
+    if streamed(config):
+        raise folder.DatasetError(f"data.format={d.format!r} (streamed) has no random access "
+                                  f"to samples; this tool needs data.format 'folder' or 'hf'")
+    if d.decode == "device" and transform is None:
         raise ValueError("data.decode='device' is only for the default transforms")
-    if config.data.decode == "device":
-        return folder.ImageFolder(config.data.path, split, device_decode.DeferredTransform(transform),
-                                  extras, read=device_decode.read)
-    return folder.ImageFolder(config.data.path, split, transform, extras)
+    if d.decode == "device":
+        transform = device_decode.DeferredTransform(transform)
+    if d.format == "hf":
+        return hf.ImageRows(d.path, split, d.hf_image_column, d.hf_label_column, transform,
+                            extras, read=_read(config))
+    if d.decode == "device":
+        return folder.ImageFolder(d.path, split, transform, extras, read=device_decode.read)
+    return folder.ImageFolder(d.path, split, transform, extras)
+
+
+def streamed(config) -> bool:
+    """Whether the data is read as a stream of shards (:mod:`mim.data.streams`)."""
+    return config.data.format == "wds" or (config.data.format == "hf" and config.data.hf_streaming)
+
+
+def source(config, split: str):
+    """A streamed split's shards with their sizes and classes (checked before any work).
+    Resolved once per process: counting shards without an index reads all of them."""
+    d = config.data
+    return _source(d.format, d.path, split, d.train_split, d.eval_split, d.eval_path,
+                   d.hf_image_column, d.hf_label_column)
+
+
+@functools.lru_cache(maxsize=8)
+def _source(fmt, path, split, train_split, eval_split, eval_path, image_col, label_col):
+    if fmt == "wds":
+        import ml_collections
+        data = dict(path=path, train_split=train_split, eval_split=eval_split, eval_path=eval_path)
+        return wds.resolve(ml_collections.ConfigDict({"data": data}), split)
+    return hf.StreamShards(path, split, image_col, label_col)
+
+
+def _stream(config, split: str, transform, extras, rank: int, world: int, train: bool,
+            src=None) -> streams.Stream:
+    d = config.data
+    if d.decode == "device" and transform is not None:      # None: layout and positions only
+        transform = device_decode.DeferredTransform(transform)
+    return streams.Stream(src if src is not None else source(config, split), transform, extras,
+                          _read(config), config.seed, rank, world, d.num_workers,
+                          shuffle=train, buffer=shuffle_buffer(config))
+
+
+def shuffle_buffer(config) -> int:
+    return config.data.shuffle_buffer or 1000
+
+
+def split_info(config, split: str):
+    """(images, classes) of a split, found without decoding an image."""
+    if streamed(config):
+        src = source(config, split)
+        return len(src), src.classes
+    if config.data.format == "hf":
+        ds = hf.ImageRows(config.data.path, split, config.data.hf_image_column,
+                          config.data.hf_label_column, lambda x: x, read=lambda b: b)
+        return len(ds), ds.classes
+    ds = folder.ImageFolder(config.data.path, split, lambda x: x)
+    return len(ds), ds.classes
 
 
 def task_transform(config, task, train: bool):
@@ -80,19 +144,58 @@ def collate(config, mix=None) -> transforms.Collate:
     return transforms.Collate(mix, uint8=d.device_normalize, encoded=d.decode == "device")
 
 
-def train_loader(config, backend, task, start_step: int, total_steps: int):
-    ds = train_dataset(config, task)
+def _stream_loader(ds, config, device_type):
+    workers = config.data.num_workers
+    # batches are collated in the workers (streams.TrainStream / EvalStream)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, collate_fn=_as_is,
+        pin_memory=device_type in ("cuda", "npu"), persistent_workers=False,
+        prefetch_factor=config.data.prefetch if workers > 0 else None)
+
+
+def _as_is(batch):
+    return batch
+
+
+def _check_classes(config, ds):
     num_classes = config.model.get("num_classes", 0)
     if num_classes and len(ds.classes) > num_classes:
         raise folder.DatasetError(
             f"{ds.root} has {len(ds.classes)} classes but config.model.num_classes={num_classes}")
+    return num_classes
+
+
+def train_loader(config, backend, task, start_step: int, total_steps: int):
+    if streamed(config):
+        local = config.batch_size // backend.world_size
+        st = _stream(config, config.data.train_split, task_transform(config, task, True),
+                     seed_extras(config, task), backend.rank, backend.world_size, train=True)
+        if len(st.source) < config.batch_size:
+            raise folder.DatasetError(f"the training split has {len(st.source)} images, fewer "
+                                      f"than one global batch of {config.batch_size}")
+        num_classes = _check_classes(config, st.source)
+        mix = transforms.mixup(config.data, num_classes) if num_classes else None
+        ds = streams.TrainStream(st, local, start_step, total_steps, collate(config, mix))
+        return _stream_loader(ds, config, backend.device_type), ds, None
+    ds = train_dataset(config, task)
+    num_classes = _check_classes(config, ds)
     mix = transforms.mixup(config.data, num_classes) if num_classes else None
     bs = sampler.TrainBatchSampler(len(ds), config.batch_size, backend.rank, backend.world_size,
                                    config.seed, start_step, total_steps)
     return _loader(ds, bs, config, collate(config, mix), backend.device_type), ds, bs
 
 
+def _eval_stream(config, backend, split, transform, extras):
+    local = max(config.eval_batch_size // backend.world_size, 1)
+    st = _stream(config, split, transform, extras, backend.rank, backend.world_size, train=False)
+    ds = streams.EvalStream(st, local, collate(config))
+    return _stream_loader(ds, config, backend.device_type), ds
+
+
 def eval_loader(config, backend, task=None):
+    if streamed(config):
+        return _eval_stream(config, backend, config.data.eval_split,
+                            task_transform(config, task, False), seed_extras(config, task, train=False))
     ds = eval_dataset(config, task)
     local = max(config.eval_batch_size // backend.world_size, 1)
     bs = sampler.EvalBatchSampler(len(ds), local, backend.rank, backend.world_size, config.seed)
@@ -102,6 +205,9 @@ def eval_loader(config, backend, task=None):
 def split_loader(config, backend, split: str):
     """Any split through timm's eval transform (one ``image`` per sample), each image once,
     sharded over ranks: the feature banks of the k-NN evaluator."""
+    if streamed(config):
+        return _eval_stream(config, backend, split, transforms.eval_transform(config.data),
+                            seed_extras(config, None, train=False))[0]
     ds = _dataset(config, split, transforms.eval_transform(config.data),
                   seed_extras(config, None, train=False))
     local = max(config.eval_batch_size // backend.world_size, 1)
@@ -110,8 +216,35 @@ def split_loader(config, backend, split: str):
 
 
 def num_train_images(config) -> int:
-    ds = folder.ImageFolder(config.data.path, config.data.train_split, lambda x: x)
-    return len(ds)
+    return split_info(config, config.data.train_split)[0]
+
+
+def data_position(config, world_size: int, step: int, steps_per_epoch: int):
+    """The checkpoint's record of where the data is after ``step`` steps. The step fixes
+    it for every format; streamed formats also record each worker's epoch, shard and
+    offset, and the layout a resumed run must match (:func:`check_resume`)."""
+    out = {"step": step, "steps_per_epoch": steps_per_epoch, "format": config.data.format}
+    if streamed(config):
+        st = _stream(config, config.data.train_split, None, None, 0, world_size, train=True,
+                     src=source(config, config.data.train_split))
+        out.update(streams.position(st, step, config.batch_size // world_size))
+    return out
+
+
+def check_resume(config, world_size: int, recorded) -> None:
+    """A one-line error when a streamed run resumes with another split of its shards over
+    ranks and workers: each worker's place in its stream would not carry over."""
+    if not streamed(config) or not recorded:
+        return
+    st = _stream(config, config.data.train_split, None, None, 0, world_size, train=True,
+                 src=source(config, config.data.train_split))
+    now, then = st.layout(), recorded.get("layout")
+    if then != now:
+        diff = {k: (then or {}).get(k) for k in now if (then or {}).get(k) != now[k]}
+        raise folder.DatasetError(
+            f"the checkpoint's data stream was laid out as {diff}, this run as "
+            f"{ {k: now[k] for k in diff} }: resume with the same ranks, data.num_workers, "
+            f"shards, data.shuffle_buffer and seed")
 
 
 # One per device and setting, so that its mean and std are copied to the device once.
