@@ -186,6 +186,8 @@ def validate(c, world_size: int = 1) -> None:
            f"only schedule='timm_multistep' reads milestones (schedule={o.schedule!r})")
     _check(all(m > 0 for m in o.milestones), "optim.milestones", f"must be positive epochs, got {tuple(o.milestones)}")
     _check(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    _check(o.schedule == "timm_multistep" or o.gamma == 0.1, "optim.gamma",
+           f"only schedule='timm_multistep' reads gamma (schedule={o.schedule!r})")
     if o.schedule in ("vit_cosine", "timm_multistep"):
         _check(o.min_lr == 0, "optim.min_lr", f"schedule={o.schedule!r} has no final lr (it ends at "
                f"{'0' if o.schedule == 'vit_cosine' else 'the last milestone'}); set min_lr=0")

@@ -124,6 +124,11 @@ def test_bad_flags_fail_with_a_message_naming_the_field(tmp_path, override, mess
     ("data.path", "/nonexistent/data", "dataset split not found: /nonexistent/data/train"),
     ("optim.layer_decay", 1.5, "config.optim.layer_decay"),
     ("model.num_heads", 3, "config.model.num_heads: 3 does not divide model.embed_dim=128"),
+    ("optim.schedule", "linear", "config.optim.schedule: 'linear' is not one of"),
+    ("optim.milestones", (3.0,), "only schedule='timm_multistep' reads milestones"),
+    ("optim.gamma", 0.5, "only schedule='timm_multistep' reads gamma"),
+    ("optim.clip_mode", "layer", "config.optim.clip_mode: 'layer' is not one of"),
+    ("optim.weight_decay_end", -0.1, "config.optim.weight_decay_end: must be >= 0"),
 ])
 def test_bad_configs_fail_with_a_message_naming_the_field(tmp_path, key, value, message):
     """The same checks as through the command line (tests/test_cli_errors.py shows they

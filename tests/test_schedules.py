@@ -206,3 +206,15 @@ def test_schedule_for_counts_micro_batches_for_the_swin_family():
     want = _swin_loop(opt, ref, 100, micro, 2)
     for k in range(0, total, 37):
         np.testing.assert_allclose(_ours(sched, k, (1.0,)), want[k], rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("experiment,fields,message", [
+    ("simmim_vit_base.py", {"optim.milestones": ()}, "timm_multistep needs milestones"),
+    ("vit_b32.py", {"optim.min_lr": 1e-5}, "has no final lr"),
+    ("beit_base_linprobe.py", {"optim.warmup_steps": 5}, "has no warm-up"),
+])
+def test_schedule_specific_fields_are_checked(experiment, fields, message):
+    c = _experiment(experiment)
+    c.update_from_flattened_dict(fields)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c)
