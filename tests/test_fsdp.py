@@ -50,12 +50,13 @@ def _step_worker(rank, world, port, out_dir):
     # the exact gradient is zero (attention's key bias) it turns rounding differences (a
     # bf16 against an fp32 gradient reduction; eager against compiled kernels) into
     # lr-sized ones.
-    # (precision, optimizer, accumulation steps, frozen, compile the sharded step)
-    cases = [("fp32", "adamw", 1, (), "off"), ("bf16", "sgd", 1, (), "off"), ("amp_fp16", "adamw", 1, (), "off"),
-             ("fp32", "sgd", 2, ("pos_embed",), "off"), ("fp32", "lars", 1, ("blocks.0",), "off"),
-             ("fp32", "sgd", 1, (), "on")]
+    # (precision, optimizer, accumulation steps, frozen, clip mode, compile the sharded step)
+    cases = [("fp32", "adamw", 1, (), "step", "off"), ("bf16", "sgd", 1, (), "step", "off"),
+             ("amp_fp16", "adamw", 1, (), "step", "off"), ("fp32", "sgd", 2, ("pos_embed",), "step", "off"),
+             ("fp32", "lars", 1, ("blocks.0",), "step", "off"), ("fp32", "sgd", 1, (), "step", "on"),
+             ("fp32", "sgd", 2, (), "micro_batch", "off")]
     results = {}
-    for precision, opt_name, accum, frozen, compile in cases:
+    for precision, opt_name, accum, frozen, clip_mode, compile in cases:
         runs = {}
         for mode in ("none", "fsdp"):
             be = backend.setup("cpu", precision, compile if mode == "fsdp" else "off")
@@ -70,7 +71,7 @@ def _step_worker(rank, world, port, out_dir):
             shard = sharding_lib.create(mode, names, be)
             st = step_lib.create_state(params, {}, opt, names, be, sharding=shard)
             fns = step_lib.build(loss, opt, groups, schedules.mae_cosine(1e-2, 10, 1), be,
-                                 grad_accum=accum, clip_grad=0.5, sharding=shard)
+                                 grad_accum=accum, clip_grad=0.5, clip_mode=clip_mode, sharding=shard)
             ls, norms = [], []
             for b in batches:
                 st, m = fns.train_step(st, b)
@@ -80,9 +81,50 @@ def _step_worker(rank, world, port, out_dir):
             whole = shard.full_state(st) if shard is not None else tree.flatten(st)
             runs[mode] = ({k: v.detach().cpu().clone() for k, v in whole.items()}, ls, norms,
                           sharding_lib.persistent_bytes(st, names))
-        results[(precision, opt_name, accum, frozen, compile)] = runs
+        results[(precision, opt_name, accum, frozen, clip_mode, compile)] = runs
+        if clip_mode == "micro_batch":
+            runs["reference"] = _ddp_micro_clip_reference(cfg, loss, batches, world, accum, groups)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
+
+
+def _ddp_micro_clip_reference(cfg, loss, batches, world, accum, groups):
+    """Swin-family ``train_one_epoch`` under DDP, re-stated: each ``(loss / accum).backward()``
+    averages that micro-batch's gradient over the ranks (DDP's all-reduce) and adds it to
+    ``.grad``; ``clip_grad_norm_`` then clips the running sum; ``optimizer.step()`` after the
+    last micro-batch (torch.optim.SGD, Nesterov, the same lr per step). Every rank's
+    batches are re-drawn here from their seeds, so this is one process's computation."""
+    import torch.nn.functional as F  # noqa: F401
+    from mim import schedules, tree
+    from mim.models import vit
+    params = vit.init(torch.Generator().manual_seed(0), cfg)
+    params["temperature"] = torch.tensor(1.5)
+    leaves = {n: v.clone().requires_grad_() for n, v in tree.flatten(params).items()}
+    opt = torch.optim.SGD([{"params": [leaves[n] for n in g.names], "weight_decay": g.weight_decay}
+                           for g in groups], lr=0.0, momentum=0.9, nesterov=True)
+    sched = schedules.mae_cosine(1e-2, 10, 1)
+    per_rank = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(100 + r)
+        per_rank.append([{"image": torch.randn(4, 3, 16, 16, generator=g),
+                          "label": torch.randint(0, 5, (4,), generator=g)} for _ in range(3)])
+    for k in range(len(batches)):
+        for grp in opt.param_groups:
+            grp["lr"] = float(sched(torch.tensor(k)))
+        opt.zero_grad()
+        for i in range(accum):
+            micro_grads = []
+            for r in range(world):
+                micro = {key: v.chunk(accum)[i] for key, v in per_rank[r][k].items()}
+                value, _ = loss(tree.unflatten(leaves), {}, micro, True)
+                micro_grads.append(torch.autograd.grad(value / accum, list(leaves.values())))
+            with torch.no_grad():
+                for j, p in enumerate(leaves.values()):
+                    avg = sum(gs[j] for gs in micro_grads) / world
+                    p.grad = avg if p.grad is None else p.grad + avg
+            torch.nn.utils.clip_grad_norm_(list(leaves.values()), 0.5)
+        opt.step()
+    return {"params." + n: v.detach().clone() for n, v in leaves.items()}
 
 
 def test_fsdp_step_equals_unsharded_step(tmp_path):
@@ -91,6 +133,8 @@ def test_fsdp_step_equals_unsharded_step(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for case, runs in ranks[0].items():
         (full, l_full, n_full, b_full), (sharded, l_sh, n_sh, b_sh) = runs["none"], runs["fsdp"]
+        if "reference" in runs:  # clipping after every micro-batch, averaged over the ranks first
+            assert_close_states(runs["reference"], full, rel=1e-5, prefixes=("params.",))
         # Under O2 bf16 the unsharded run averages bf16 gradients, the sharded one reduces
         # them in fp32: they agree to a few bf16 roundings (2**-8), elsewhere to fp32 rounding.
         rel = 3e-2 if case[0] == "bf16" else 2e-5 if case[-1] == "on" else 1e-5
