@@ -81,7 +81,8 @@ def check_workdir(path: str) -> None:
 def exit_code(e: BaseException) -> int:
     from mim.config import ConfigError
     from mim.data.folder import DatasetError
-    return EXIT_USAGE if isinstance(e, (UsageMistake, ConfigError, DatasetError)) else EXIT_FAILED
+    return EXIT_USAGE if isinstance(e, (UsageMistake, ConfigError, DatasetError, FileNotFoundError)) \
+        else EXIT_FAILED
 
 
 def one_line(e: BaseException) -> str:
@@ -89,3 +90,38 @@ def one_line(e: BaseException) -> str:
     if exit_code(e) == EXIT_USAGE:
         return message                       # it names the flag or field already
     return f"{type(e).__name__}: {message} (MIM_DEBUG=1 or --verbose shows the traceback)"
+
+
+def run_command(prog: str, fn, argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command's ``fn(argv)`` as ``mim.main`` runs a training: a mistake or a failure
+    is one line ``prog: error: ...`` with exit status 2 (a mistake: :func:`exit_code`) or 1,
+    the traceback with ``MIM_DEBUG=1`` / ``--verbose``."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = debug(argv)
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        return fn(argv) or EXIT_FINISHED
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        sys.stderr.write(f"\n{prog}: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - one line for a person, the traceback on request
+        if verbose:
+            raise
+        sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
+        sys.stderr.flush()
+        return exit_code(e)
+
+
+def guard(prog: str, fn):
+    """``fn`` (an absl ``app.run`` main) with its mistakes and failures as one line and
+    :func:`exit_code`'s status, as :func:`run_command`."""
+    import sys
+
+    def main(argv):
+        code = run_command(prog, lambda _: fn(argv), list(sys.argv[1:]))
+        if code:
+            sys.exit(code)
+    return main

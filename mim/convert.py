@@ -32,6 +32,7 @@ from typing import Callable, Dict, Optional, Tuple
 import ml_collections
 import torch
 
+from mim import cli
 from mim import tree as T
 
 MIM = "mim"
@@ -96,8 +97,37 @@ def available() -> Dict[str, Format]:
     return out
 
 
-class ConvertError(ValueError):
-    pass
+class ConvertError(ValueError, cli.UsageMistake):
+    """A mistake in the command line or its files (exit status 2)."""
+
+
+def looks_like(flat) -> str:
+    """Which layout a flat state dict's key names look like, for an error message."""
+    keys = set(flat)
+
+    def has(*prefixes):
+        return any(k.startswith(prefixes) for k in keys)
+
+    if has("params."):
+        return "a mim tree (--from=mim)"
+    if any(k.endswith("blocks.input.w") for k in keys):
+        return "a DALL-E encoder (config.tokenizer.weights; not a model mim.convert converts)"
+    if has("encoder_k.", "queue1", "queue2"):
+        return "a MoBY pretraining checkpoint (--from=moby)"
+    if has("decoder_embed.", "decoder_pred."):
+        return "an MAE pretraining model (--from=mae)"
+    if has("encoder.") and "decoder.0.weight" in keys:
+        return "a SimMIM pretraining model (--from=simmim)"
+    if has("layers.0.blocks.0.", "encoder.layers.0.blocks.0."):
+        return "a Swin model (--from=swin)"
+    if has("lm_head.", "rel_pos_bias.") or any("relative_position_bias_table" in k or k.endswith(".gamma_1")
+                                               for k in keys):
+        return "a BEiT model (--from=beit)"
+    if has("blocks.0.attn.qkv.") and "cls_token" in keys:
+        return ("an MAE fine-tuned ViT (--from=mae_finetune)" if has("fc_norm.")
+                else "a timm / MAE-encoder ViT (--from=timm, or --from=mae for MAE's encoder-only "
+                     "pretrained weights)")
+    return f"no layout mim knows (first keys: {sorted(keys)[:3]})"
 
 
 def _format(name: str) -> Format:
@@ -192,8 +222,15 @@ def read(fmt: str, path: str, cfg=None):
                            f"--config=experiments/FILE.py[:variant] for the model they are")
     f = _check_model(fmt, cfg)
     from mim.checkpoints import weights
-    sd = weights.read_state_dict(path)
-    params, state = f.load(importlib.import_module(f.module), sd, cfg)
+    try:
+        sd = weights.read_state_dict(path)
+    except ValueError as e:     # garbage, truncated, a pickled object: one line, a mistake
+        raise ConvertError(f"{path}: not a checkpoint file mim can read ({str(e)[:200]})") from e
+    try:
+        params, state = f.load(importlib.import_module(f.module), sd, cfg)
+    except (ValueError, KeyError) as e:
+        raise ConvertError(f"{path} does not load as --from={fmt} for this {cfg.get('name')!r} "
+                           f"config: it looks like {looks_like(sd)} ({str(e)[:160]})") from e
     return params, state, cfg
 
 
@@ -251,12 +288,16 @@ def main(argv=None):
     if a.config:
         from mim.sweep import load_config
         cfg = load_config(a.config).model
+    from mim.checkpoints import registry
     try:
-        cfg = convert(a.input, a.output, a.from_fmt, a.to_fmt, cfg)
+        cfg = convert(registry.resolve(a.input), a.output, a.from_fmt, a.to_fmt, cfg)
     except (ConvertError, FileNotFoundError) as e:
-        p.error(str(e))
+        if cli.debug([]):
+            raise
+        p.exit(2, f"mim.convert: error: {cli.one_line(e)}\n")     # one line, as argparse's status
     print(f"wrote {a.output} ({a.to_fmt}, model {cfg.get('name')})")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    sys.exit(cli.run_command("mim.convert", main))

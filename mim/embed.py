@@ -28,13 +28,20 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import List, Tuple
 
 import numpy as np
 import torch
 from absl import app, flags
 
+from mim.cli import UsageMistake
+
 FLAGS = flags.FLAGS
+
+
+class EmbedError(ValueError, UsageMistake):
+    """A mistake in the command line (exit status 2)."""
 
 
 def _define_flags():
@@ -89,10 +96,12 @@ def saved_config(path: str):
 def load(checkpoint: str, fmt: str = "mim", config_spec: str = ""):
     """``(params, model_cfg, data_cfg)`` for ``checkpoint``."""
     from mim import convert
+    from mim.checkpoints import registry
     from mim.sweep import load_config
+    checkpoint = registry.resolve(checkpoint)
     config = load_config(config_spec) if config_spec else saved_config(checkpoint)
     if config is None:
-        raise ValueError(f"{checkpoint} records no run config (image size, normalisation): pass "
+        raise EmbedError(f"{checkpoint} records no run config (image size, normalisation): pass "
                          f"--config=experiments/FILE.py[:variant]")
     # A mim checkpoint's own model config wins unless --config states one.
     params, _, model_cfg = convert.read(fmt, checkpoint, config.model if config_spec else None)
@@ -114,7 +123,7 @@ def embed(checkpoint: str, images: str, out: str, fmt: str = "mim", config_spec:
     from mim.data import transforms
     from mim.data.folder import load_rgb
     if not (out.endswith(".safetensors") or out.endswith(".npy")):
-        raise ValueError(f"--out={out}: must end in .safetensors or .npy")
+        raise EmbedError(f"--out={out}: must end in .safetensors or .npy")
     params, cfg, data = load(checkpoint, fmt, config_spec)
     data = data.copy_and_resolve_references()
     data.device_normalize = False
@@ -122,11 +131,22 @@ def embed(checkpoint: str, images: str, out: str, fmt: str = "mim", config_spec:
     dev = torch.device(backend.detect_device(device))
     params = tree.to(params, dev, dtype=torch.float32)
     paths, labels, classes = list_images(images)
-    feats = []
+    feats, kept = [], []
     with torch.no_grad():
         for i in range(0, len(paths), batch_size):
-            x = torch.stack([transform(load_rgb(p)) for p in paths[i:i + batch_size]]).to(dev)
-            feats.append(encoder_features(params, x, cfg).float().cpu())
+            batch = []
+            for j in range(i, min(i + batch_size, len(paths))):
+                try:
+                    batch.append(transform(load_rgb(paths[j])))
+                except Exception as e:  # noqa: BLE001 - PIL raises many kinds; training skips them too
+                    warnings.warn(f"skipping unreadable image {paths[j]}: {type(e).__name__}: {e}")
+                    continue
+                kept.append(j)
+            if batch:
+                feats.append(encoder_features(params, torch.stack(batch).to(dev), cfg).float().cpu())
+    if not feats:
+        raise FileNotFoundError(f"no readable images under {images}")
+    paths, labels = [paths[j] for j in kept], [labels[j] for j in kept]
     features = torch.cat(feats)
     rel = [os.path.relpath(p, images) for p in paths]
     result = {"features": features, "labels": torch.tensor(labels, dtype=torch.int64),
@@ -159,4 +179,5 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["checkpoint", "images", "out"])
-    app.run(main)
+    from mim import cli
+    app.run(cli.guard("mim.embed", main))

@@ -178,7 +178,8 @@ def read_images(folder: str, size: int, mean, std, limit: int) -> Tuple[torch.Te
 
 def make_grid(checkpoint: str, images: str, out: str, config=None, mask_ratio=None, seed: int = 0,
               max_images: int = 8, return_skipped: bool = False):
-    kind, params, cfg, mean, std, size = load_model(checkpoint, config)
+    from mim.checkpoints import registry
+    kind, params, cfg, mean, std, size = load_model(registry.resolve(checkpoint), config)
     gen = torch.Generator().manual_seed(seed)
     if kind == "mae":
         if mask_ratio is not None:
@@ -210,4 +211,5 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["checkpoint", "images"])
-    app.run(main)
+    from mim import cli
+    app.run(cli.guard("mim.reconstruct", main))

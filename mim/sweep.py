@@ -48,6 +48,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import app, flags
 from ml_collections import config_flags
 
+from mim.cli import UsageMistake
+
 log = logging.getLogger(__name__)
 
 FLAGS = flags.FLAGS
@@ -74,7 +76,7 @@ _MECHANICS = ("data.num_workers", "data.prefetch", "log_every")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
-class SweepError(ValueError):
+class SweepError(ValueError, UsageMistake):
     pass
 
 
@@ -417,7 +419,8 @@ def main(argv):
 def run_cli():
     _define_flags()
     flags.mark_flags_as_required(["config", "sweep", "workdir"])
-    app.run(main)
+    from mim import cli
+    app.run(cli.guard("mim.sweep", main))
 
 
 if __name__ == "__main__":

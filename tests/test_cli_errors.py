@@ -114,7 +114,7 @@ def test_developer_switch_and_exit_codes():
 
 
 COMMANDS = ("mim.main", "mim.bench", "mim.sweep", "mim.embed", "mim.reconstruct", "mim.convert",
-            "mim.plot", "mim.models")
+            "mim.plot", "mim.models", "mim.predict", "mim.weights")
 
 
 def test_every_command_imports_beside_the_others_and_prints_its_help():
@@ -126,8 +126,142 @@ def test_every_command_imports_beside_the_others_and_prints_its_help():
     p = subprocess.run([sys.executable, "-c", f"import importlib; {code}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    for m in ("mim.embed", "mim.reconstruct"):
+    for m in ("mim.embed", "mim.reconstruct", "mim.predict"):
         importlib.import_module(m)
         p = subprocess.run([sys.executable, "-m", m, "--help"], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert "--checkpoint:" in p.stdout and "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+# The other commands answer a mistake as mim.main does (mim.cli.run_command / guard).
+
+def command(module, *args, env=None):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, **(env or {})))
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    """A tiny ViT in timm's layout and a tiny MAE pretraining model in MAE's, written by
+    mim's exporters."""
+    import torch
+
+    from mim import convert
+    from mim.models import mae, vit
+    from mim.sweep import load_config
+    d = tmp_path_factory.mktemp("official")
+    vcfg, mcfg = load_config(TINY).model, load_config("experiments/mae_base.py:tiny").model
+    convert.write("timm", vit.init(torch.Generator().manual_seed(0), vcfg), {}, vcfg, str(d / "vit.pth"))
+    convert.write("mae", mae.init(torch.Generator().manual_seed(0), mcfg), {}, mcfg, str(d / "mae.pth"))
+    return d
+
+
+def test_convert_of_a_garbage_or_truncated_file_is_one_line(tmp_path, capsys, monkeypatch, official_files):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is no checkpoint" * 10)
+    truncated = tmp_path / "truncated.pth"
+    data = (official_files / "vit.pth").read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    p = command("mim.convert", "--from=timm", "--to=mim", f"--config={TINY}", str(garbage),
+                str(tmp_path / "o.safetensors"))
+    line = one_line(p)
+    assert p.returncode == 2 and line.startswith(f"mim.convert: error: {garbage}: not a checkpoint file"), line
+    # the same through the same guard in this process: the truncated file, and the traceback on request
+    from mim import convert
+    args = ["--from=timm", "--to=mim", f"--config={TINY}", str(truncated), str(tmp_path / "o.safetensors")]
+    with pytest.raises(SystemExit) as e:
+        cli.run_command("mim.convert", convert.main, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"mim.convert: error: {truncated}: not a checkpoint file")
+    monkeypatch.setenv("MIM_DEBUG", "1")
+    with pytest.raises(convert.ConvertError):
+        cli.run_command("mim.convert", convert.main, args)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_wrong_format_conversion_says_what_the_file_looks_like(tmp_path, official_files):
+    from mim import convert
+    from mim.sweep import load_config
+    with pytest.raises(convert.ConvertError) as e:
+        convert.read("timm", str(official_files / "mae.pth"), load_config(TINY).model)
+    message = str(e.value)
+    assert "looks like an MAE pretraining model (--from=mae)" in message and len(message) < 600
+    with pytest.raises(convert.ConvertError, match=r"looks like a timm / MAE-encoder ViT \(--from=timm"):
+        convert.read("mae", str(official_files / "vit.pth"), load_config("experiments/mae_base.py:tiny").model)
+    assert cli.exit_code(e.value) == 2
+
+
+def test_sweep_with_an_unknown_sweep_is_one_line(tmp_path):
+    p = command("mim.sweep", "--config=experiments/mae_base.py:tiny", "--sweep=nosuch",
+                f"--workdir={tmp_path / 'sw'}", "--dry_run")
+    assert p.returncode == 2
+    assert one_line(p) == ("mim.sweep: error: experiments/mae_base.py has no sweep 'nosuch'; it declares: "
+                           "decoder_depth, mask_ratio")
+
+
+def test_embed_mistakes_are_one_line_and_unreadable_images_are_skipped(tmp_path, official_files):
+    import numpy as np
+    from PIL import Image
+
+    from mim import embed
+    p = command("mim.embed", f"--checkpoint={tmp_path / 'nosuch'}", f"--images={tmp_path}", "--out=f.txt")
+    assert p.returncode == 2 and one_line(p).startswith("mim.embed: error: ")
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((40, 30, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    (images / "notes.jpg").write_text("a text file named .jpg")
+    with pytest.warns(UserWarning, match="notes.jpg"):
+        r = embed.embed(str(official_files / "vit.pth"), str(tmp_path / "images"), str(tmp_path / "f.npy"),
+                        fmt="timm", config_spec=TINY)
+    assert r["paths"] == [os.path.join("a", "0.png"), os.path.join("a", "1.png")]
+    assert r["features"].shape[0] == 2 and r["labels"].tolist() == [0, 0]
+
+
+def test_init_from_another_familys_run_says_so(tmp_path):
+    import json
+
+    import torch
+
+    from mim.checkpoints import io as ckpt
+    from mim.config import ConfigError
+    from mim.sweep import load_config
+    from mim.train.setup import Setup, fingerprint
+    moby = load_config("experiments/moby_swin_tiny.py:tiny")
+    s = Setup(moby, str(tmp_path / "moby"))
+    params, state = s.task.init(moby, torch.Generator().manual_seed(0))
+    ckpt.save(s.ckpt_root, 1, {"params": params, "model_state": state},
+              {"fingerprint": fingerprint(moby), "config": json.loads(moby.to_json_best_effort())}, 1)
+    c = load_config(TINY)
+    c.unlock()
+    c.init.checkpoint, c.init.format = str(tmp_path / "moby"), "timm"
+    with pytest.raises(ConfigError) as e:
+        Setup(c, str(tmp_path / "run")).init_params()
+    message = str(e.value)
+    assert "is a mim run of a 'moby' model; init.format=timm cannot start this 'vit' model" in message
+    assert "tensor(" not in message and len(message) < 400
+
+
+def test_a_second_run_into_a_locked_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import json
+    import socket
+
+    from mim.train import workdir_lock
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        wd = tmp_path / "run"
+        wd.mkdir()
+        (wd / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        p = main(f"--config={TINY},steps=1", f"--workdir={wd}")
+        line = one_line(p)
+        assert p.returncode == 2 and f"in use by process {holder.pid} on host {socket.gethostname()}" in line
+        assert not (wd / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and is taken over, then released
+    path = workdir_lock.acquire(str(wd))
+    assert json.loads(open(path).read())["pid"] == os.getpid()
+    workdir_lock.release(path, os.getpid())
+    assert not os.path.exists(path)

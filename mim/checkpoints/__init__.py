@@ -3,7 +3,8 @@
 :data:`FORMATS` names, for each official weight layout a run can start from
 (``config.init.format``), the module whose ``load_for_finetune(params, path, model_cfg)``
 fills a freshly initialised tree from such a file; ``"mim"`` (a mim checkpoint of the
-same experiment) is handled by the train loop itself.
+same experiment) is handled by the train loop itself. :mod:`mim.checkpoints.registry` names
+the references' released files and resolves a name to a verified download in the cache.
 """
 
 FORMATS = {

@@ -95,7 +95,8 @@ def init(config, gen: torch.Generator):
               "num_batches_tracked": torch.zeros((), dtype=torch.int64)}
         model_state = {"head": {"0": bn}}
         if config.init.checkpoint and config.init.format == "mae":
-            model_state = _probe_statistics(config.init.checkpoint, model_state)
+            from mim.checkpoints import registry
+            model_state = _probe_statistics(registry.resolve(config.init.checkpoint), model_state)
     else:
         params["head"] = I.linear(dim, n, gen, std=std)
     return params, model_state

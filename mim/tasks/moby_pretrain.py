@@ -63,7 +63,8 @@ def init(config, gen: torch.Generator):
     check(config)
     params, model_state = moby.init(gen, config.model)
     if config.init.checkpoint and config.init.format == "moby":
-        _, model_state = moby_ckpt.load_official(config.init.checkpoint, config.model)
+        from mim.checkpoints import registry
+        _, model_state = moby_ckpt.load_official(registry.resolve(config.init.checkpoint), config.model)
     return params, model_state
 
 

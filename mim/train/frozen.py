@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 import torch
 
 from mim import tasks, tree
+from mim.checkpoints import registry
 from mim.checkpoints.io import sha256
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,12 @@ def load(task, config, backend) -> Tuple[Dict[str, dict], Dict[str, dict]]:
     nets, rec = {}, {}
     for i, (name, spec) in enumerate(sorted(tasks.frozen_networks(task, config).items())):
         if spec.weights:
-            if not os.path.isfile(spec.weights):
+            path = registry.resolve(spec.weights)     # an official checkpoint's name too
+            if not os.path.isfile(path):
                 raise FrozenNetworkError(f"frozen network {name!r}: weights file not found: "
                                          f"{spec.weights}")
-            params = spec.load(spec.weights, None)
-            rec[name] = {"weights": os.path.abspath(spec.weights), "sha256": sha256(spec.weights)}
+            params = spec.load(path, None)
+            rec[name] = {"weights": os.path.abspath(path), "sha256": sha256(path)}
         else:
             seed = config.seed + 1000003 * (i + 1)
             params = spec.load(None, torch.Generator().manual_seed(seed))

@@ -15,10 +15,11 @@ import torch.distributed as dist
 from mim import backend as backend_lib
 from mim import plot, tasks
 from mim.checkpoints import io as ckpt
-from mim.data import folder, pipeline
+from mim.data import pipeline
 from mim.train import frozen as frozen_lib
 from mim.train import knn, lifecycle
 from mim.train import metrics as metrics_lib
+from mim.train import workdir_lock
 from mim.train import sharding as sharding_lib
 from mim.train.evaluation import evaluate, evaluate_only, knn_only  # noqa: F401 - the modes' entry points
 from mim.train.setup import Setup, fingerprint
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+CLASSES = "classes.json"       # the train split's class names in label order (mim.predict)
 
 
 def reduce_mean(values: Dict[str, torch.Tensor], be) -> Dict[str, float]:
@@ -46,11 +50,18 @@ def _eval_split(config, task):
     error now, not at the first evaluation); None when the task does not evaluate."""
     if not hasattr(task, "evaluate"):
         return None
-    ds = folder.ImageFolder(config.data.path, config.data.eval_split, lambda x: x)
-    return len(ds), len(ds.classes)
+    n, classes = pipeline.split_info(config, config.data.eval_split)
+    return n, len(classes)
 
 
 def train(config, workdir: str) -> Dict[str, float]:
+    try:
+        return _train(config, workdir)
+    finally:
+        workdir_lock.release(os.path.join(workdir, workdir_lock.LOCK), os.getpid())
+
+
+def _train(config, workdir: str) -> Dict[str, float]:
     setup = Setup(config, workdir)
     c, be, task = setup.config, setup.be, setup.task
 
@@ -68,6 +79,8 @@ def train(config, workdir: str) -> Dict[str, float]:
                   f"(a larger --config.steps continues it)\nsummary: {lifecycle.fmt(done_before)}",
                   flush=True)
         return done_before
+    if be.is_main and os.path.isdir(workdir):
+        workdir_lock.acquire(workdir)        # refused now if another run uses it (taken again below)
 
     built = setup.build_train(total, steps_per_epoch)
     state, shard = built.state, built.shard
@@ -86,6 +99,7 @@ def train(config, workdir: str) -> Dict[str, float]:
         # Checkpoints hold the whole state: any number of ranks, sharded or not, resumes.
         (shard.restore_into if shard is not None else ckpt.restore_into)(state, path)
         start = meta["step"]
+        pipeline.check_resume(c, be.world_size, meta.get("data_position"))
         log.info("resumed from %s at step %d", path, start)
     if start >= total:
         log.info("already trained %d/%d steps", start, total)
@@ -101,8 +115,10 @@ def train(config, workdir: str) -> Dict[str, float]:
     if be.is_main:
         # The data is there: now the run's directory gets its files.
         os.makedirs(workdir, exist_ok=True)
+        workdir_lock.acquire(workdir)                # one run per workdir
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(c.to_json_best_effort(indent=1, sort_keys=True))
+        metrics_lib.write_json(os.path.join(workdir, CLASSES), list(train_ds.classes))  # mim.predict
         print(lifecycle.banner(
             device=str(be.device) + (f" (compute threads {torch.get_num_threads()}, data workers "
                                      f"{c.data.num_workers})" if be.device.type == "cpu" else ""),
@@ -132,7 +148,7 @@ def train(config, workdir: str) -> Dict[str, float]:
                 setup.ckpt_root, step_done, whole,
                 {"fingerprint": fingerprint(c), "epoch": step_done / steps_per_epoch,
                  "frozen_networks": setup.frozen_record,
-                 "data_position": {"step": step_done, "steps_per_epoch": steps_per_epoch},
+                 "data_position": pipeline.data_position(c, be.world_size, step_done, steps_per_epoch),
                  "seed": c.seed, "config": json.loads(c.to_json_best_effort())},
                 c.keep_checkpoints)
             log.info("checkpoint of step %d written: %s", step_done, last_checkpoint["path"])

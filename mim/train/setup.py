@@ -14,7 +14,7 @@ from mim import backend as backend_lib
 from mim import checkpoints, optim, schedules, tasks, tree
 from mim import config as config_lib
 from mim.checkpoints import io as ckpt
-from mim.checkpoints import weights
+from mim.checkpoints import registry, weights
 from mim.train import frozen as frozen_lib
 from mim.train import sharding as sharding_lib
 from mim.train import step as step_lib
@@ -169,7 +169,7 @@ class Setup:
         one of another model (a pretraining run) goes to the format's loader. Logs which
         parameters were loaded and which keep their fresh initialisation."""
         c = self.config
-        path = c.init.checkpoint
+        path = registry.resolve(c.init.checkpoint)      # an official checkpoint's name too
         step_dir = mim_step_dir(path)
         same_model = step_dir is not None and _saved_model(step_dir) == json.loads(c.model.to_json())
         if c.init.format == "mim" or same_model:
@@ -182,7 +182,19 @@ class Setup:
             loader = checkpoints.get(c.init.format)
             # a mim folder's train state also holds the optimizer's: hand over its params only
             source = weights.read_source(step_dir) if step_dir is not None and c.init.format == "timm" else path
-            out = loader.load_for_finetune(params, source, c.model)
+            try:
+                out = loader.load_for_finetune(params, source, c.model)
+            except (ValueError, KeyError) as e:
+                if step_dir is None:
+                    raise
+                saved = (_saved_model(step_dir) or {}).get("name")
+                # the loader's own message can hold a whole state dict: say what happened instead
+                why = "its keys do not match" if isinstance(e, KeyError) or "tensor(" in str(e) \
+                    else " ".join(str(e).split())[:160]
+                raise config_lib.ConfigError(
+                    f"init.checkpoint={c.init.checkpoint} is a mim run of a {saved!r} model; "
+                    f"init.format={c.init.format} cannot start this {c.model.get('name')!r} model "
+                    f"from it ({why})") from e
             how = f"init.format={c.init.format}"
         fresh, got = tree.flatten(params), tree.flatten(out)
         new = [k for k in fresh if got[k] is fresh[k] or torch.equal(got[k], fresh[k])]
