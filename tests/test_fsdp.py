@@ -94,7 +94,6 @@ def _ddp_micro_clip_reference(cfg, loss, batches, world, accum, groups):
     ``.grad``; ``clip_grad_norm_`` then clips the running sum; ``optimizer.step()`` after the
     last micro-batch (torch.optim.SGD, Nesterov, the same lr per step). Every rank's
     batches are re-drawn here from their seeds, so this is one process's computation."""
-    import torch.nn.functional as F  # noqa: F401
     from mim import schedules, tree
     from mim.models import vit
     params = vit.init(torch.Generator().manual_seed(0), cfg)
