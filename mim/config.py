@@ -38,6 +38,10 @@ def base() -> ml_collections.ConfigDict:
     c.knn.k = 20                  # neighbours (Wu et al. 2018; DINO's and solo-learn's k-NN)
     c.knn.temperature = 0.07      # votes weighted by exp(cosine similarity / temperature)
 
+    c.ema = ml_collections.ConfigDict()   # model EMA of the trainable weights (mim.train.ema)
+    c.ema.decay = 0.0             # 0: off; e.g. 0.9999 (BEiT --model_ema_decay, timm --model-ema-decay)
+    c.ema.warmup = False          # timm ModelEmaV3 use_warmup: decay 1 - (1 + t)^-2/3, up to ema.decay
+
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""        # a file to start from (format set by init.format)
     c.init.format = "timm"        # mim | timm | mae | swin (official layouts)
@@ -152,6 +156,8 @@ def validate(c, world_size: int = 1) -> None:
               "max_nonfinite_steps"):
         _check(isinstance(c[f], int) and c[f] > 0, f, f"must be a positive integer, got {c[f]!r}")
     _check(isinstance(c.knn.k, int) and c.knn.k > 0, "knn.k", f"must be a positive integer, got {c.knn.k!r}")
+    _check(0.0 <= c.ema.decay < 1.0, "ema.decay", f"must be in [0, 1) (0: off), got {c.ema.decay}")
+    _check(c.ema.decay > 0 or not c.ema.warmup, "ema.warmup", "needs ema.decay > 0")
     _check(c.knn.temperature > 0, "knn.temperature", f"must be positive, got {c.knn.temperature}")
     for f in ("steps", "eval_every", "checkpoint_every", "knn_every", "optim.warmup_steps",
               "data.num_workers"):

@@ -158,9 +158,10 @@ def save_mim(params: dict, model_state: dict, cfg, path: str) -> None:
     _atomic(path, lambda tmp: safetensors.torch.save_file(flat, tmp, metadata=meta))
 
 
-def load_mim(path: str):
+def load_mim(path: str, ema: bool = False):
     """``(params, model_state, model config or None)`` of a mim tree file, checkpoint
-    directory or run workdir."""
+    directory or run workdir; ``ema``: the trainable weights replaced by the run's average
+    (``config.ema``, the checkpoint's ``ema.*``)."""
     import safetensors
 
     from mim.checkpoints import io, weights
@@ -190,6 +191,12 @@ def load_mim(path: str):
     if not params:
         raise ConvertError(f"{path} holds no 'params.' tensors: not a mim tree (official weights "
                            f"need --from=<their format>)")
+    if ema:
+        avg = {k[len("ema."):]: v for k, v in flat.items() if k.startswith("ema.")}
+        if not avg:
+            raise ConvertError(f"{path} holds no weight average (ema.*): the run had no "
+                               f"config.ema.decay > 0")
+        params.update({k: v.to(params[k].dtype) for k, v in avg.items()})
     state = {k[len("model_state."):]: v for k, v in flat.items() if k.startswith("model_state.")}
     return T.unflatten(params), T.unflatten(state), cfg
 
@@ -207,10 +214,13 @@ def _config(d: dict) -> ml_collections.ConfigDict:
 # Conversion.
 
 
-def read(fmt: str, path: str, cfg=None):
-    """``(params, model_state, cfg)`` from ``path`` in format ``fmt``."""
+def read(fmt: str, path: str, cfg=None, ema: bool = False):
+    """``(params, model_state, cfg)`` from ``path`` in format ``fmt`` (``ema``: a mim run's
+    weight average instead of its weights)."""
+    if ema and fmt != MIM:
+        raise ConvertError(f"--ema reads a mim run's weight average; --from={fmt} has none")
     if fmt == MIM:
-        params, state, saved = load_mim(path)
+        params, state, saved = load_mim(path, ema)
         if cfg is None:
             if saved is None:
                 raise ConvertError(f"{path} records no model config; pass --config")
@@ -247,14 +257,14 @@ def write(fmt: str, params: dict, model_state: dict, cfg, path: str) -> None:
         _atomic(path, lambda tmp: torch.save({"model": sd}, tmp))
 
 
-def convert(src: str, dst: str, from_fmt: str, to_fmt: str, cfg=None):
+def convert(src: str, dst: str, from_fmt: str, to_fmt: str, cfg=None, ema: bool = False):
     """Convert ``src`` (format ``from_fmt``) to ``dst`` (format ``to_fmt``); returns the
-    model config used."""
+    model config used. ``ema``: export a mim run's weight average (``config.ema``)."""
     if from_fmt != MIM:
         _format(from_fmt)
     if to_fmt != MIM:
         _format(to_fmt)
-    params, state, cfg = read(from_fmt, src, cfg)
+    params, state, cfg = read(from_fmt, src, cfg, ema)
     write(to_fmt, params, state, cfg, dst)
     return cfg
 
@@ -281,6 +291,8 @@ def main(argv=None):
     p.add_argument("--to", dest="to_fmt", required=True, help="format of OUT (see below)")
     p.add_argument("--config", default="", help="experiment FILE.py[:variant] whose config.model "
                    "the weights are for (required to read official weights)")
+    p.add_argument("--ema", action="store_true", help="export the run's weight average "
+                   "(config.ema) instead of its weights (--from=mim)")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     a = p.parse_args(argv)
@@ -290,7 +302,7 @@ def main(argv=None):
         cfg = load_config(a.config).model
     from mim.checkpoints import registry
     try:
-        cfg = convert(registry.resolve(a.input), a.output, a.from_fmt, a.to_fmt, cfg)
+        cfg = convert(registry.resolve(a.input), a.output, a.from_fmt, a.to_fmt, cfg, ema=a.ema)
     except (ConvertError, FileNotFoundError) as e:
         if cli.debug([]):
             raise

@@ -69,9 +69,11 @@ def _step_worker(rank, world, port, out_dir):
             opt = {"adamw": optim.AdamW(0.9, 0.95), "sgd": optim.SGD(0.9, nesterov=True),
                    "lars": optim.LARS(0.9)}[opt_name]
             shard = sharding_lib.create(mode, names, be)
-            st = step_lib.create_state(params, {}, opt, names, be, sharding=shard)
+            # with a model EMA (config.ema): averaged from the gathered fp32 shards
+            st = step_lib.create_state(params, {}, opt, names, be, sharding=shard, ema=True)
             fns = step_lib.build(loss, opt, groups, schedules.mae_cosine(1e-2, 10, 1), be,
-                                 grad_accum=accum, clip_grad=0.5, clip_mode=clip_mode, sharding=shard)
+                                 grad_accum=accum, clip_grad=0.5, clip_mode=clip_mode, sharding=shard,
+                                 ema_decay=0.9)
             ls, norms = [], []
             for b in batches:
                 st, m = fns.train_step(st, b)
@@ -141,7 +143,7 @@ def test_fsdp_step_equals_unsharded_step(tmp_path):
             assert abs(a - b) <= rel * abs(a), (case, l_full, l_sh, n_full, n_sh)
         # The checkpoint layout of an unsharded run, with the same values.
         assert set(full) == set(sharded), case
-        assert_close_states(full, sharded, rel=rel, prefixes=("params.", "opt.", "master."))
+        assert_close_states(full, sharded, rel=rel, prefixes=("params.", "opt.", "master.", "ema."))
         # Both ranks gathered the same whole state.
         other = ranks[1][case]["fsdp"][0]
         for k in full:

@@ -210,6 +210,10 @@ def _train(config, workdir: str) -> Dict[str, float]:
                 t_log = time.perf_counter()
             if hasattr(task, "evaluate") and (done % eval_every == 0 or done == total):
                 eval_metrics = evaluate(setup, built.params(), state["model_state"])
+                ema_params = built.ema_params()
+                if ema_params is not None:  # the average beside the raw weights: eval/ema_*
+                    ema_metrics = evaluate(setup, ema_params, state["model_state"])
+                    eval_metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
                 if be.is_main:
                     writer.write(done, eval_metrics, prefix="eval")
                     print("eval step %d: %s" % (done, lifecycle.fmt(eval_metrics)), flush=True)

@@ -82,6 +82,20 @@ class Built:
             return self.state["params"]
         return self.shard.full_params(self.state["params"], self.shard.backend.param_dtype)
 
+    def ema_params(self):
+        """The whole parameter tree with the trainable weights replaced by their average
+        (``config.ema``), or None without one."""
+        if "ema" not in self.state:
+            return None
+        return ema_tree(self.params(), self.state["ema"])
+
+
+def ema_tree(params: dict, ema: dict) -> dict:
+    """``params`` with the averaged names replaced by the (fp32) average, in the dtype of
+    the parameters they stand for."""
+    flat = tree.flatten(params)
+    return tree.unflatten({**flat, **{n: v.to(flat[n].dtype) for n, v in ema.items()}})
+
 
 class Setup:
     """Everything a run builds before its first step."""
@@ -151,13 +165,15 @@ class Setup:
             lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers], exempt_1d=c.optim.exempt_1d)
         opt = optim.create(c.optim.name, c.optim)
         shard = sharding_lib.create(c.sharding, trainable, be)
-        state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard)
+        state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard,
+                                      ema=c.ema.decay > 0)
         fns = step_lib.build(self.loss_fn(), opt, groups,
                              schedule_for(c, total_steps, steps_per_epoch), be,
                              grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
                              clip_mode=c.optim.clip_mode,
                              sharding=shard, cuda_graphs=c.cuda_graphs,
-                             input_keys=self.input_keys(), **self.state_hooks(total_steps))
+                             input_keys=self.input_keys(), ema_decay=c.ema.decay,
+                             ema_warmup=c.ema.warmup, **self.state_hooks(total_steps))
         return Built(state, fns, groups, trainable, opt, shard)
 
     def load_init(self, params):

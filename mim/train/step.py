@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from mim import optim, schedules, tree
 from mim.backend import Backend
+from mim.train import ema as ema_lib
 from mim.train import graphs
 
 # Dynamic loss scaling as torch.amp.GradScaler: start at 2**16, halve on overflow,
@@ -23,7 +24,7 @@ INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 16, 2000
 
 
 def create_state(params: dict, model_state: dict, opt, trainable: List[str], backend: Backend,
-                 sharding=None) -> dict:
+                 sharding=None, ema: bool = False) -> dict:
     """The whole mutable training state, on the device. With a
     :class:`mim.train.sharding.FSDP`, the trainable parameters (fp32 under the O2
     policies: they are the master weights) and their optimizer state are this rank's
@@ -51,6 +52,8 @@ def create_state(params: dict, model_state: dict, opt, trainable: List[str], bac
         state["opt"] = opt.init({n: flat[n] for n in trainable})
     state["params"] = params
     state["model_state"] = tree.to(model_state, dev)
+    if ema:  # the average of the trainable weights, fp32, whole on every rank (mim.train.ema)
+        state["ema"] = ema_lib.init({n: flat[n] for n in trainable})
     if backend.loss_scaling:
         state["loss_scale"] = {"scale": torch.tensor(INIT_SCALE, device=dev),
                                "good_steps": torch.zeros((), dtype=torch.int64, device=dev)}
@@ -117,7 +120,8 @@ def all_reduce_mean_(tensors: List[torch.Tensor], world: int, bucket_bytes: int 
 def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules.Schedule,
           backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None,
           clip_mode: str = "step", sharding=None, cuda_graphs: bool = False, input_keys=("image",),
-          before_step: Optional[Callable] = None, after_step: Optional[Callable] = None) -> StepFns:
+          before_step: Optional[Callable] = None, after_step: Optional[Callable] = None,
+          ema_decay: float = 0.0, ema_warmup: bool = False) -> StepFns:
     """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``.
 
     On several ranks the gradients are averaged between ``grad_step`` and
@@ -133,6 +137,10 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
     after each ``loss.backward()`` (SimMIM main_simmim.py / main_finetune.py, MoBY
     moby_linear.py); on several ranks each micro-batch's gradient is then averaged before
     its clip, as DDP's backward does.
+
+    ``ema_decay`` > 0: ``state["ema"]`` (:func:`create_state` with ``ema=True``) moves
+    toward the trainable weights after every optimizer step, taken or skipped
+    (:mod:`mim.train.ema`).
 
     ``input_keys``: the batch's image entries, cast for the precision policy
     (:meth:`Backend.cast_inputs`). ``before_step`` / ``after_step``
@@ -300,6 +308,9 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
     def after(state):
         if after_step is not None:
             run_state_hook(after_step, state)
+        if ema_decay > 0:
+            flat = tree.flatten(full_params(state))
+            ema_lib.update_(state["ema"], flat, state["step"], ema_decay, ema_warmup)
 
     def train_step(state, batch):
         before(state)
@@ -323,7 +334,8 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
     # Under FSDP the hooks gather the parameters (collectives): they stay eager there.
     hooks_compile = backend.compile and sharding is None
     compiled_before = torch.compile(before) if hooks_compile and before_step is not None else before
-    compiled_after = torch.compile(after) if hooks_compile and after_step is not None else after
+    compiled_after = (torch.compile(after) if hooks_compile and (after_step is not None or ema_decay > 0)
+                      else after)
 
     def host_step(state, batch):
         compiled_before(state)
