@@ -34,6 +34,13 @@ bench vit_b32_graphs    --config=experiments/vit_b32.py:perf --config.batch_size
 bench simmim_vit_base   --config=experiments/simmim_vit_base.py:perf --config.batch_size=128 "${T[@]}"
 bench simmim_swin_base  --config=experiments/simmim_swin_base.py:perf --config.batch_size=128 "${T[@]}"
 bench mae_linprobe      --config=experiments/mae_base_linprobe.py:perf --config.batch_size=1024 "${T[@]}"
+# BEiT pretraining (the tokenizer's share of the FLOPs printed apart; a random tokenizer
+# costs what the released one does), BEiT fine-tuning, MoBY (momentum branch apart), and
+# MoBY's linear evaluation
+bench beit_base         --config=experiments/beit_base.py:perf --config.batch_size=128 "${T[@]}"
+bench beit_finetune     --config=experiments/beit_base_finetune.py:perf --config.batch_size=128 "${T[@]}"
+bench moby_swin_tiny    --config=experiments/moby_swin_tiny.py:perf --config.batch_size=128 "${T[@]}"
+bench moby_linear       --config=experiments/moby_swin_tiny_linear.py:perf --config.batch_size=256 "${T[@]}"
 if [[ -n "${DATA_DIR:-}" ]]; then
   D=(--config=experiments/mae_base.py --mode=data --data_dir="$DATA_DIR" --steps=50
      --config.data.num_workers="$(nproc)")

@@ -7,13 +7,16 @@
 
 ``--mode=train`` (default) builds the experiment's real train state and train step (the
 functions :func:`mim.train.loop.train` uses), runs ``--warmup`` untimed and ``--steps``
-timed steps on one device, and prints images/s, ms/step, model FLOPs per image
+timed steps on one device, and prints images/s, ms/step, the process's CPU time per
+step (what to compare on a shared CPU machine), model FLOPs per image
 (``torch.utils.flop_counter`` over one forward + backward of the step), MFU against the
 device's dense peak, and peak memory. The same figures follow for the peer
 (:mod:`mim.peers`: the architecture as timm ``nn.Module``\\ s with ``torch.optim``), eager
 and ``torch.compile``'d, and the ratios mim / peer. For the eager contenders it also
 counts the aten operators one step dispatches and the scalar reads (``.item()``) among
-them: mim's step has none. The batch is synthetic (shaped like
+them: mim's step has none. For BEiT pretraining and MoBY the FLOPs of what the step
+never trains (the tokenizer; the momentum branch) are printed apart, for mim and the
+peer (:mod:`mim.bench_count`). The batch is synthetic (shaped like
 the task's: images, labels or soft labels, and the per-sample extras of the task's
 ``batch_extras``) or, with ``--data=real``, the experiment's own input pipeline.
 
@@ -29,7 +32,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import platform
 import resource
 import shlex
@@ -42,6 +44,9 @@ import torch
 from mim import backend as backend_lib
 from mim import config as config_lib
 from mim import optim, tasks
+from mim.bench_count import (FROZEN_SHARES, count_flops, count_ops,  # noqa: F401 (re-exported)
+                              frozen_share)
+from mim.bench_data import bench_data, format_data_report  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -234,17 +239,20 @@ class PeerRun:
     ``torch.optim`` has no master weights."""
 
     def __init__(self, config, be, groups, compiled: bool, compile_backend: str = "inductor",
-                 model: Optional[torch.nn.Module] = None):
+                 model: Optional[torch.nn.Module] = None, total_steps: int = 0):
         from mim import peers
         self.config, self.be = config, be
         torch.manual_seed(config.seed)
-        self.model = model if model is not None else peers.build(config).to(be.device)
+        self.model = model if model is not None else peers.build(config, total_steps).to(be.device)
         self.opt = peer_optimizer(config, self.model, groups, be.device_type)
         self.forward = torch.compile(self.model, backend=compile_backend) if compiled else self.model
         self.dtype = {"fp32": None, "amp_bf16": torch.bfloat16, "bf16": torch.bfloat16,
                       "amp_fp16": torch.float16, "fp16": torch.float16}[config.precision]
         self.scaler = torch.amp.GradScaler(be.device_type) if self.dtype == torch.float16 else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # state updated once per step outside the gradient (MoBY's momentum encoder), run
+        # eagerly before the forward as mim's ``update_state_before_step``
+        self.before_step = getattr(self.model, "before_step", None)
 
     def loss(self, batch, eager: bool = False):
         forward = self.model if eager else self.forward
@@ -254,6 +262,8 @@ class PeerRun:
             return forward(batch)
 
     def train_step(self, batch):
+        if self.before_step is not None:
+            self.before_step()
         loss = self.loss(batch)
         clip = self.config.optim.clip_grad
         if self.scaler is not None:
@@ -281,33 +291,6 @@ class PeerRun:
 # Measuring.
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def count_ops(fn: Callable[[], object]) -> dict:
-    """The aten operators one call of ``fn`` dispatches (each is at least one kernel
-    launch on an accelerator, so eagerly the launch overhead scales with it) and, among
-    them, scalar reads (``.item()``, ``bool(t)``: ``aten._local_scalar_dense``), which wait
-    for the device when the tensor lives there."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        ops = reads = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
-            Count.reads += func.overloadpacket is torch.ops.aten._local_scalar_dense
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return {"aten_ops_per_step": Count.ops, "scalar_reads_per_step": Count.reads}
-
-
 def time_steps(step: Callable[[int], object], be, warmup: int, steps: int) -> dict:
     """Run ``warmup`` then ``steps`` timed steps (``step(i)`` returns a loss tensor)."""
     reset_peak_memory(be)
@@ -318,13 +301,16 @@ def time_steps(step: Callable[[int], object], be, warmup: int, steps: int) -> di
     if loss is not None:
         float(loss)
     be.synchronize()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for i in range(warmup, warmup + steps):
         loss = step(i)
     final = float(loss)        # waits for the device
     be.synchronize()
-    t2 = time.perf_counter()
-    return {"warmup_s": t1 - t0, "step_s": (t2 - t1) / max(steps, 1), "peak_bytes": peak_memory(be),
+    t2, c2 = time.perf_counter(), time.process_time()
+    # process CPU time: on a shared CPU machine the wall clock also counts the time other
+    # processes hold the core, the CPU time only this process's work
+    return {"warmup_s": t1 - t0, "step_s": (t2 - t1) / max(steps, 1),
+            "cpu_step_s": (c2 - c1) / max(steps, 1), "peak_bytes": peak_memory(be),
             "final_loss": final}
 
 
@@ -377,13 +363,13 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
     flop_batch = fixed if fixed is not None else batches()()
     flops = count_flops(lambda: run.grad_step(run.state, flop_batch))
     out["flops_per_image"] = flops / batch_size
-    if hasattr(task, "frozen_forward"):
-        # the frozen networks' forward (BEiT's tokenizer), counted apart: part of the step's
-        # cost, not of the trained model's
-        fb = be.cast_inputs(flop_batch, tuple(tasks.image_keys(task, c)))
+    frozen = frozen_share(setup, run.state, flop_batch)
+    if frozen is not None:
+        # the forward of what the step never trains (BEiT's tokenizer, MoBY's momentum
+        # branch), counted apart: part of the step's cost, not of the trained model's
         with torch.no_grad(), be.autocast():
-            out["frozen_flops_per_image"] = count_flops(
-                lambda: task.frozen_forward(setup.frozen, fb, c)) / batch_size
+            out["frozen_flops_per_image"] = count_flops(frozen) / batch_size
+        out["frozen_label"] = FROZEN_SHARES.get(c.task, "frozen networks (forward only)")
     next_batch = batches()
 
     def mim_step(i):
@@ -404,12 +390,17 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
         if kind not in ("eager", "compiled"):
             raise ValueError(f"--peer: unknown kind {kind!r} (eager, compiled, none)")
         peer = PeerRun(c, be, groups, compiled=kind == "compiled", compile_backend=compile_backend,
-                       model=model)
+                       model=model, total_steps=total)
         model = peer.model          # eager and compiled peers train the same module
         entry = {}
         if "flops_per_image" not in out.get("peer", {}):
             out["peer"] = {"flops_per_image": count_flops(lambda: peer.forward_backward(flop_batch))
                            / batch_size}
+            peer_frozen = getattr(model, "frozen_forward", None)
+            if peer_frozen is not None:
+                with torch.no_grad():
+                    out["peer"]["frozen_flops_per_image"] = count_flops(
+                        lambda: peer_frozen(flop_batch)) / batch_size
         next_batch = batches()
         entry = time_steps(lambda i: peer.train_step(next_batch()), be, warmup, steps)
         entry["flops_per_image"] = out["peer"]["flops_per_image"]
@@ -430,8 +421,23 @@ def bench_train(config, *, steps: int = 10, warmup: int = 3, peers=("eager", "co
     for kind in peers:
         r = out["results"][f"peer_{kind}"]
         out[f"speedup_vs_peer_{kind}"] = mim["images_per_s"] / r["images_per_s"]
+        out[f"cpu_time_speedup_vs_peer_{kind}"] = r["cpu_step_s"] / max(mim["cpu_step_s"], 1e-12)
         out[f"memory_vs_peer_{kind}"] = mim["peak_bytes"] / max(r["peak_bytes"], 1)
     return out
+
+
+def _split_text(out: dict) -> str:
+    """"; of which <the untrained share>: X GFLOP, the trained branch Y GFLOP (peer: X' / Y')"."""
+    if "frozen_flops_per_image" not in out:
+        return ""
+    total, frozen = out["flops_per_image"], out["frozen_flops_per_image"]
+    text = (f"; of which {out.get('frozen_label', 'frozen networks')}: {frozen / 1e9:.4g} GFLOP, "
+            f"the trained branch (forward + backward) {(total - frozen) / 1e9:.4g} GFLOP")
+    peer = out.get("peer", {})
+    if "frozen_flops_per_image" in peer:
+        text += (f" (peer: {peer['frozen_flops_per_image'] / 1e9:.4g} / "
+                 f"{(peer['flops_per_image'] - peer['frozen_flops_per_image']) / 1e9:.4g})")
+    return text
 
 
 def format_report(out: dict) -> str:
@@ -443,104 +449,32 @@ def format_report(out: dict) -> str:
              f"data={cfg['data']}; {out['warmup']} warm-up + {out['steps']} timed steps",
              f"model FLOPs per image (forward + backward): {out['flops_per_image'] / 1e9:.4g} GFLOP"
              + (f" (peer counts {out['peer']['flops_per_image'] / 1e9:.4g})" if "peer" in out else "")
-             + (f"; of which frozen networks (forward, never trained): "
-                f"{out['frozen_flops_per_image'] / 1e9:.4g} GFLOP, the trained model "
-                f"{(out['flops_per_image'] - out['frozen_flops_per_image']) / 1e9:.4g} GFLOP"
-                if "frozen_flops_per_image" in out else ""),
+             + _split_text(out),
              "peak: " + (f"{out['peak_tflops']:.1f} TFLOP/s dense" if out["peak_tflops"]
                          else "unknown (CPU or unlisted device): no MFU")]
     mem = "peak mem" if not out["device"].startswith("CPU") else "peak RSS"
-    lines.append(f"{'':16s} {'img/s/device':>12s} {'ms/step':>9s} {'TFLOP/s':>9s} {'MFU':>7s} "
-                 f"{mem + ' MiB':>13s} {'warm-up s':>9s}")
+    lines.append(f"{'':16s} {'img/s/device':>12s} {'ms/step':>9s} {'CPU ms/step':>11s} {'TFLOP/s':>9s} "
+                 f"{'MFU':>7s} {mem + ' MiB':>13s} {'warm-up s':>9s}")
     for name, r in out["results"].items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         lines.append(f"{name:16s} {r['images_per_s']:12.1f} {r['ms_per_step']:9.2f} "
+                     f"{1e3 * r.get('cpu_step_s', float('nan')):11.2f} "
                      f"{r['tflops_achieved']:9.4f} {mfu:>7s} {r['peak_bytes'] / 2**20:13.0f} "
                      f"{r['warmup_s']:9.1f}")
     counted = [(n, r) for n, r in out["results"].items() if "aten_ops_per_step" in r]
     if counted:
         lines.append("eager step: " + "; ".join(
             f"{n} {r['aten_ops_per_step']} aten ops, {r['scalar_reads_per_step']} scalar reads (.item())"
+            + (f", {r['nonzero_per_step']} nonzero (x[mask])" if r.get("nonzero_per_step") else "")
             for n, r in counted))
     for key in sorted(out):
         if key.startswith("speedup_vs_"):
             kind = key[len("speedup_vs_"):]
-            lines.append(f"mim / {kind}: speed x{out[key]:.2f}, memory x{out['memory_vs_' + kind]:.2f}")
+            cpu = out.get("cpu_time_speedup_vs_" + kind)
+            lines.append(f"mim / {kind}: speed x{out[key]:.2f}"
+                         + (f" (by process CPU time x{cpu:.2f})" if cpu else "")
+                         + f", memory x{out['memory_vs_' + kind]:.2f}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------
-# Input pipeline.
-
-
-def bench_data(config, *, data_dir: str = "", batches: int = 10, images: int = 200) -> dict:
-    """Decode + augment throughput: one worker in this process, then the loader with
-    ``config.data.num_workers`` workers (``batches`` batches after the first), each batch
-    moved to ``config.device`` by :func:`mim.data.pipeline.to_device` as in training.
-    With ``data.decode='device'`` a worker only reads files and draws crops, and the decode
-    is timed in ``to_device``."""
-    from mim.data import pipeline
-    c = config.copy_and_resolve_references()
-    if data_dir:
-        c.data.path = data_dir
-    if not c.data.path:
-        raise ValueError("--mode=data needs images: set --data_dir or --config.data.path")
-    split = c.data.train_split
-    if not os.path.isdir(os.path.join(c.data.path, split)):
-        split = ""                           # a folder of class folders
-        c.data.train_split = split
-    task = tasks.get(c.task)
-    ds = pipeline.train_dataset(c, task)
-    n = min(images, len(ds))
-    for i in range(min(5, n)):
-        ds[(i, i)]
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[(i % len(ds), 1000 + i)]
-    one = n / (time.perf_counter() - t0)
-
-    workers = c.data.num_workers
-    c.batch_size = min(c.batch_size, len(ds))
-    kind = backend_lib.detect_device(c.device)
-    be = backend_lib.Backend(kind, torch.device(kind, 0) if kind != "cpu" else torch.device("cpu"),
-                             "fp32", False)
-    loader, _, _ = pipeline.train_loader(c, be, task, 0, batches + 1)
-    it = iter(loader)
-    pipeline.to_device(next(it), be.device, c.data)   # worker start-up and the first batch
-    be.synchronize()
-    t0 = time.perf_counter()
-    count, device_s = 0, 0.0
-    for batch in it:
-        t1 = time.perf_counter()
-        batch = pipeline.to_device(batch, be.device, c.data)
-        device_s += time.perf_counter() - t1
-        count += batch["image"].shape[0]
-    be.synchronize()
-    dt = time.perf_counter() - t0
-    total = count / dt if dt > 0 else float("nan")
-    return {"path": ds.root, "images_in_split": len(ds), "image_size": c.data.image_size,
-            "one_worker_images_per_s": one, "num_workers": workers, "batch_size": c.batch_size,
-            "loader_images_per_s": total, "loader_images_per_s_per_worker": total / max(workers, 1),
-            "device": str(be.device), "device_normalize": c.data.device_normalize,
-            "decode": c.data.decode,
-            "to_device_ms_per_batch": 1e3 * device_s / max(batches, 1), "cpu_count": os.cpu_count()}
-
-
-def format_data_report(r: dict) -> str:
-    return "\n".join([
-        f"images: {r['path']} ({r['images_in_split']} in split), train transform at {r['image_size']} px",
-        f"one worker (in process{', read + crop draw only' if r.get('decode') == 'device' else ''}): "
-        f"{r['one_worker_images_per_s']:.1f} images/s",
-        f"loader, {r['num_workers']} worker(s), batch {r['batch_size']}, to {r['device']}: "
-        f"{r['loader_images_per_s']:.1f} images/s ({r['loader_images_per_s_per_worker']:.1f} per "
-        f"worker; {r['cpu_count']} CPU cores)",
-        f"to_device ({_to_device_kind(r)}): {r['to_device_ms_per_batch']:.2f} ms per batch"])
-
-
-def _to_device_kind(r: dict) -> str:
-    if r.get("decode") == "device":
-        return "JPEGs decoded, cropped and normalised on the device"
-    return "uint8, normalised on the device" if r["device_normalize"] else "float"
 
 
 # ----------------------------------------------------------------------------------------
@@ -565,8 +499,10 @@ def table_row(r: dict) -> str:
         for name, e in r["results"].items():
             mfu = f", MFU {100 * e['mfu']:.1f}%" if e.get("mfu") is not None else ""
             ratio = r.get(f"speedup_vs_{name}")
+            cpu = r.get(f"cpu_time_speedup_vs_{name}")
             parts.append(f"{name} {e['images_per_s']:.1f} img/s{mfu}, {e['peak_bytes'] / 2**30:.1f} GiB"
-                         + (f" (mim x{ratio:.2f})" if ratio else ""))
+                         + (f" (mim x{ratio:.2f}" + (f", by CPU time x{cpu:.2f}" if cpu else "") + ")"
+                            if ratio else ""))
         value = "; ".join(parts)
         machine = r["device"]
     cmd = r.get("command", "(not recorded)")

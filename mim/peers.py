@@ -17,7 +17,11 @@ timm's layout allows, so the peer's optimizer can use the same parameter groups.
 - SimMIM pretraining: a timm Swin or ViT/Beit encoder with a mask token, a 1x1 convolution
   and a pixel shuffle (Xie et al. 2022, microsoft/SimMIM ``models/simmim.py``).
 - Linear probe: the ViT peer, frozen, under ``no_grad``, with
-  ``BatchNorm1d(affine=False)`` + ``Linear`` (MAE ``main_linprobe.py``).
+  ``BatchNorm1d(affine=False)`` + ``Linear`` (MAE ``main_linprobe.py``); the Swin with its
+  ``head`` (MoBY ``moby_linear.py``, :mod:`mim.peers_ssl`).
+- BEiT pretraining (timm ``Beit``, mask token, ``lm_head``, the DALL-E encoder as a frozen
+  ``nn.Module``) and MoBY (online and momentum timm Swins, projectors, predictor, queues as
+  buffers): :mod:`mim.peers_ssl`.
 """
 from __future__ import annotations
 
@@ -339,8 +343,10 @@ class LinearProbe(VisionTransformer):
 # ----------------------------------------------------------------------------------------
 
 
-def build(config) -> tnn.Module:
-    """The peer of ``config``'s task and model, in train mode."""
+def build(config, total_steps: int = 0) -> tnn.Module:
+    """The peer of ``config``'s task and model, in train mode. ``total_steps``: the run's
+    length, for MoBY's momentum schedule (0: ``config.steps``, else 1000)."""
+    from mim import peers_ssl
     task, m = config.task, config.model
     if task == "classify":
         name = m.get("name", "vit")
@@ -353,6 +359,14 @@ def build(config) -> tnn.Module:
     elif task == "linprobe" and m.get("name", "vit") == "vit" and config.probe.features == "pooled" \
             and config.probe.batch_norm:
         model = LinearProbe(m)
+    elif task == "linprobe" and m.get("name", "vit") == "swin" and config.probe.features == "pooled" \
+            and not config.probe.batch_norm:
+        model = peers_ssl.SwinLinearProbe(m, config.data.label_smoothing,
+                                          config.probe.get("encoder_train", False))
+    elif task == "beit_pretrain":
+        model = peers_ssl.BeitPretrain(config)
+    elif task == "moby_pretrain":
+        model = peers_ssl.MoBY(m, total_steps or config.get("steps", 0) or 1000)
     else:
         raise ValueError(f"no peer for task {task!r} with model {m.get('name', 'vit')!r}; "
                          f"run the bench with --peer=none")

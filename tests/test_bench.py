@@ -35,9 +35,6 @@ def test_bench_every_experiment(path, one_thread):
         m = out["results"]["mim"]
         assert m["images_per_s"] > 0 and m["final_loss"] == m["final_loss"]
         assert m["scalar_reads_per_step"] == 0 and out["flops_per_image"] > 0
-        if c.task == "beit_pretrain":   # the tokenizer's share, counted apart
-            assert 0 < out["frozen_flops_per_image"] < out["flops_per_image"]
-            assert "of which frozen networks" in bench.format_report(out)
         return
     out = bench.bench_train(c, steps=1, warmup=1, peers=("eager", "compiled"),
                             compile_backend="eager")
@@ -48,6 +45,13 @@ def test_bench_every_experiment(path, one_thread):
     # The peer is the same architecture: FlopCounterMode counts the same model FLOPs.
     assert out["peer"]["flops_per_image"] == pytest.approx(out["flops_per_image"], rel=1e-3)
     assert "mim / peer_eager" in bench.format_report(out)
+    if c.task in ("beit_pretrain", "moby_pretrain"):
+        # the untrained share (BEiT's tokenizer, MoBY's momentum branch), counted apart for
+        # both: the same FLOPs, a part of the step's
+        assert 0 < out["frozen_flops_per_image"] < out["flops_per_image"] / 2
+        assert out["peer"]["frozen_flops_per_image"] == pytest.approx(out["frozen_flops_per_image"],
+                                                                      rel=1e-6)
+        assert f"of which {bench.FROZEN_SHARES[c.task]}" in bench.format_report(out)
     # mim's step never reads a value back (.item(), bool(t)): on an accelerator that would
     # make the host wait for the device in every step
     m = out["results"]["mim"]
@@ -161,7 +165,7 @@ echo "$*" >> {tmp_path}/calls
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == 10 and all(c.startswith("-m mim.bench --config=experiments/") for c in calls)
+    assert len(calls) == 14 and all(c.startswith("-m mim.bench --config=experiments/") for c in calls)
     assert sum("--mode=data --data_dir=/data/imagenet" in c for c in calls) == 3
     assert any("--config.data.decode=device" in c for c in calls)
     assert any("--config.cuda_graphs=True" in c for c in calls)
@@ -169,7 +173,9 @@ echo "$*" >> {tmp_path}/calls
         path = c.split("--config=")[1].split()[0].split(":")[0]
         assert os.path.isfile(os.path.join(ROOT, path)), path
     rows = run.stdout.strip().splitlines()
-    assert len(rows) == 10 and all(r.startswith("| classify vit, bf16, batch 256") for r in rows)
+    assert len(rows) == 14 and all(r.startswith("| classify vit, bf16, batch 256") for r in rows)
+    for name in ("beit_base", "beit_base_finetune", "moby_swin_tiny", "moby_swin_tiny_linear"):
+        assert any(f"--config=experiments/{name}.py:perf" in c for c in calls), name
     assert "mim 100.0 img/s, MFU 40.0%, 1.0 GiB" in rows[0]
     env["ONLY"] = "mae_base"
     env["OUT"] = str(tmp_path / "only")
