@@ -89,11 +89,14 @@ def test_peak_table():
     assert bench.peak_flops(Be(), "fp32", override_tflops=100.0) == 1e14
 
 
-@pytest.mark.parametrize("name", ["vit_b32.py", "mae_base.py"])
+@pytest.mark.parametrize("name", ["vit_b32.py", "mae_base.py", "beit_base.py", "moby_swin_tiny.py",
+                                  "simmim_swin_base.py"])
 def test_train_step_is_one_graph(name, one_thread):
     """The whole step (forward, torch.func backward, clipping, optimizer) traces with no
     graph break (fullgraph) and is not traced again on later steps: what torch.compile
-    needs to wrap it as one graph. The ViT has stochastic depth, so the step draws."""
+    needs to wrap it as one graph (a break inside the loss would send the whole gradient
+    back to eager mode). The ViT has stochastic depth, so the step draws; BEiT and MoBY
+    run derived configs (mim.models.derived), Swin its drop-path rates."""
     import torch._dynamo.testing
     from mim import backend as backend_lib
     from mim.train import loop

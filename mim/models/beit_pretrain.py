@@ -29,6 +29,7 @@ import torch
 
 from mim import nn
 from mim.models import beit
+from mim.models.derived import Derived
 from mim.nn import init as I
 
 INIT_STD = 0.02     # the module's init_std (never changed by the scripts)
@@ -76,13 +77,20 @@ def backbone(cfg) -> ml_collections.ConfigDict:
     """The :mod:`mim.models.beit` config of the encoder: class-token path with the final
     ``norm``, no classifier, inits truncated at one standard deviation (the pretraining
     module's ``trunc_normal_(a=-std, b=std)``)."""
-    return beit.config(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias, use_abs_pos_emb=cfg.use_abs_pos_emb,
-        use_rel_pos_bias=cfg.use_rel_pos_bias, use_shared_rel_pos_bias=cfg.use_shared_rel_pos_bias,
-        layer_scale_init=cfg.layer_scale_init, drop_path_rate=cfg.drop_path_rate, num_classes=0,
-        global_pool="token", init_trunc_at_std=True, norm_eps=cfg.norm_eps)
+    return beit.config(**{k: cfg[k] for k in _SHARED}, **_OWN)
+
+
+# Which fields the encoder takes from the pretraining config, and what it sets itself.
+_SHARED = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+           "qkv_bias", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias",
+           "layer_scale_init", "drop_path_rate", "norm_eps")
+_OWN = dict(num_classes=0, global_pool="token", init_trunc_at_std=True)
+_BEIT_DEFAULTS = beit.config()
+
+
+def backbone_view(cfg) -> Derived:
+    """:func:`backbone` as a view that a compiled loss can build (mim.models.derived)."""
+    return Derived({k: cfg[k] for k in _SHARED}, _OWN, _BEIT_DEFAULTS)
 
 
 def grid_size(cfg) -> int:
@@ -122,7 +130,7 @@ def forward_features(params, x: torch.Tensor, mask: Optional[torch.Tensor], cfg,
     patch is replaced."""
     if mask is not None:
         _check_mask(mask, x, cfg)
-    _, aux = beit.apply(params, x, backbone(cfg), train=train, mask=mask, return_blocks=return_blocks)
+    _, aux = beit.apply(params, x, backbone_view(cfg), train=train, mask=mask, return_blocks=return_blocks)
     return aux["tokens"], aux.get("blocks")
 
 

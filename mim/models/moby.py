@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from mim import nn
 from mim import tree as T
 from mim.models import swin
+from mim.models.derived import Derived
 from mim.nn import batch_norm as bn
 from mim.nn import init as I
 
@@ -95,10 +96,7 @@ def encoder_config(cfg, target: bool = False):
     which differs only in its drop path rate (``TARGET_DROP_PATH_RATE``)."""
     if not target:
         return cfg.encoder
-    c = cfg.encoder.copy_and_resolve_references()
-    with c.unlocked():
-        c.drop_path_rate = cfg.target_drop_path_rate
-    return c
+    return Derived(cfg.encoder, {"drop_path_rate": cfg.target_drop_path_rate})
 
 
 def num_features(cfg) -> int:

@@ -248,8 +248,14 @@ def patch_merging(p, x, H: int, W: int, eps: float):
 
 def drop_path_rates(cfg) -> List[float]:
     """Stochastic depth rising linearly over all blocks of all stages (official ``dpr``)."""
-    n = sum(cfg.depths)
-    return torch.linspace(0, cfg.drop_path_rate, n).tolist()
+    return list(_linspace(float(cfg.drop_path_rate), int(sum(cfg.depths))))
+
+
+@torch.compiler.assume_constant_result
+def _linspace(end: float, n: int) -> tuple:
+    """``torch.linspace(0, end, n)`` as Python floats (the reference's float32 values),
+    a constant to a compiled step: computed when it is traced, not in its graph."""
+    return tuple(torch.linspace(0, end, n).tolist())
 
 
 def embed(p, x, cfg, mask: Optional[torch.Tensor] = None,
