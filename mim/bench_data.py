@@ -2,67 +2,25 @@
 from __future__ import annotations
 
 import os
-import time
 
-import torch
-
-from mim import backend as backend_lib
-from mim import tasks
 
 def bench_data(config, *, data_dir: str = "", batches: int = 10, images: int = 200) -> dict:
     """Decode + augment throughput: one worker in this process, then the loader with
     ``config.data.num_workers`` workers (``batches`` batches after the first), each batch
-    moved to ``config.device`` by :func:`mim.data.pipeline.to_device` as in training.
-    With ``data.decode='device'`` a worker only reads files and draws crops, and the decode
-    is timed in ``to_device``."""
-    from mim.data import pipeline
+    moved to ``config.device`` by :func:`mim.data.pipeline.to_device` as in training
+    (:func:`mim.data.throughput.measure`, every ``data.format``). With
+    ``data.decode='device'`` a worker only reads files and draws crops, and the decode is
+    timed in ``to_device``. A folder without a train split is read as one split."""
+    from mim.data import throughput
     c = config.copy_and_resolve_references()
     if data_dir:
         c.data.path = data_dir
     if not c.data.path:
         raise ValueError("--mode=data needs images: set --data_dir or --config.data.path")
-    if c.data.get("format", "folder") != "folder":
-        from mim.data import throughput         # tar shards, Hugging Face datasets
-        return throughput.measure(c, batches=batches, images=images)
-    split = c.data.train_split
-    if not os.path.isdir(os.path.join(c.data.path, split)):
-        split = ""                           # a folder of class folders
-        c.data.train_split = split
-    task = tasks.get(c.task)
-    ds = pipeline.train_dataset(c, task)
-    n = min(images, len(ds))
-    for i in range(min(5, n)):
-        ds[(i, i)]
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[(i % len(ds), 1000 + i)]
-    one = n / (time.perf_counter() - t0)
-
-    workers = c.data.num_workers
-    c.batch_size = min(c.batch_size, len(ds))
-    kind = backend_lib.detect_device(c.device)
-    be = backend_lib.Backend(kind, torch.device(kind, 0) if kind != "cpu" else torch.device("cpu"),
-                             "fp32", False)
-    loader, _, _ = pipeline.train_loader(c, be, task, 0, batches + 1)
-    it = iter(loader)
-    pipeline.to_device(next(it), be.device, c.data)   # worker start-up and the first batch
-    be.synchronize()
-    t0 = time.perf_counter()
-    count, device_s = 0, 0.0
-    for batch in it:
-        t1 = time.perf_counter()
-        batch = pipeline.to_device(batch, be.device, c.data)
-        device_s += time.perf_counter() - t1
-        count += batch["image"].shape[0]
-    be.synchronize()
-    dt = time.perf_counter() - t0
-    total = count / dt if dt > 0 else float("nan")
-    return {"path": ds.root, "images_in_split": len(ds), "image_size": c.data.image_size,
-            "one_worker_images_per_s": one, "num_workers": workers, "batch_size": c.batch_size,
-            "loader_images_per_s": total, "loader_images_per_s_per_worker": total / max(workers, 1),
-            "device": str(be.device), "device_normalize": c.data.device_normalize,
-            "decode": c.data.decode,
-            "to_device_ms_per_batch": 1e3 * device_s / max(batches, 1), "cpu_count": os.cpu_count()}
+    if c.data.get("format", "folder") == "folder" and not os.path.isdir(
+            os.path.join(c.data.path, c.data.train_split)):
+        c.data.train_split = ""              # a folder of class folders
+    return throughput.measure(c, batches=batches, images=images)
 
 
 def format_data_report(r: dict) -> str:
