@@ -232,6 +232,9 @@ def validate(c, world_size: int = 1) -> None:
     if "embed_dim" in m and "num_heads" in m and isinstance(m.num_heads, int):
         _check(m.embed_dim % m.num_heads == 0, "model.num_heads",
                f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}")
+    task = tasks.get(c.task)
+    if hasattr(task, "validate"):  # the task's own fields (config.probe, ...)
+        task.validate(c)
 
 
 def _validate_format(d) -> None:

@@ -37,12 +37,14 @@ def make_groups(shapes: Dict[str, torch.Size], *, weight_decay: float,
                 layer_decay: float = 1.0,
                 layer_id: Optional[Callable[[str], int]] = None,
                 num_layers: int = 0,
-                lr_multipliers: Sequence = (), exempt_1d: bool = True) -> List[Group]:
+                lr_multipliers: Sequence = (), exempt_1d: bool = True,
+                weight_decay_rules: Sequence = ()) -> List[Group]:
     """Group trainable parameters by (lr scale, weight decay), in a stable order.
 
     Layer decay (Clark et al. 2020; BEiT Sec. 3.3): layer ``i`` of ``num_layers + 2``
     gets ``layer_decay ** (num_layers + 1 - i)``. ``lr_multipliers`` is a sequence of
-    ``(regex, factor)`` applied on top."""
+    ``(regex, factor)`` applied on top. ``weight_decay_rules``: ``(regex, value)``, the first
+    match gives a decaying name its own weight decay instead of ``weight_decay``."""
     if layer_decay != 1.0 and layer_id is None:
         raise ValueError("optim.layer_decay != 1 needs a model that defines layer ids")
     keyed: Dict[tuple, List[str]] = {}
@@ -53,7 +55,8 @@ def make_groups(shapes: Dict[str, torch.Size], *, weight_decay: float,
         for pattern, factor in lr_multipliers:
             if re.search(pattern, name):
                 scale *= factor
-        wd = 0.0 if no_decay(name, shape, no_decay_patterns, exempt_1d) else weight_decay
+        wd = 0.0 if no_decay(name, shape, no_decay_patterns, exempt_1d) else next(
+            (v for pattern, v in weight_decay_rules if re.search(pattern, name)), weight_decay)
         keyed.setdefault((scale, wd), []).append(name)
     return [Group(names, s, wd) for (s, wd), names in keyed.items()]
 

@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 
 from mim import tasks as tasks_lib
-from mim.data import device_decode, folder, hf, sampler, streams, transforms, wds
+from mim.data import device_decode, folder, hf, holdout, sampler, streams, transforms, wds
 
 
 def _seed_extras(extras_fn, config, gen: torch.Generator, erase: bool = False) -> Dict[str, torch.Tensor]:
@@ -178,6 +178,9 @@ def train_loader(config, backend, task, start_step: int, total_steps: int):
         ds = streams.TrainStream(st, local, start_step, total_steps, collate(config, mix))
         return _stream_loader(ds, config, backend.device_type), ds, None
     ds = train_dataset(config, task)
+    frac = holdout.fraction(config)
+    if frac:  # config.probe.holdout: those images never train
+        ds = holdout.Subset(ds, holdout.split(len(ds), frac)[0])
     num_classes = _check_classes(config, ds)
     mix = transforms.mixup(config.data, num_classes) if num_classes else None
     bs = sampler.TrainBatchSampler(len(ds), config.batch_size, backend.rank, backend.world_size,
@@ -216,7 +219,24 @@ def split_loader(config, backend, split: str):
 
 
 def num_train_images(config) -> int:
-    return split_info(config, config.data.train_split)[0]
+    """The images that train (without those ``config.probe.holdout`` keeps out)."""
+    n = split_info(config, config.data.train_split)[0]
+    frac = holdout.fraction(config)
+    return len(holdout.split(n, frac)[0]) if frac else n
+
+
+def holdout_loader(config, backend, task=None):
+    """The held-out part of the train split (``config.probe.holdout``) through the eval
+    transform, each image once, sharded over ranks; None without a holdout."""
+    frac = holdout.fraction(config)
+    if not frac:
+        return None
+    ds = _dataset(config, config.data.train_split, task_transform(config, task, False),
+                  seed_extras(config, task, train=False))
+    ds = holdout.Subset(ds, holdout.split(len(ds), frac)[1])
+    local = max(config.eval_batch_size // backend.world_size, 1)
+    bs = sampler.EvalBatchSampler(len(ds), local, backend.rank, backend.world_size, config.seed)
+    return _loader(ds, bs, config, collate(config), backend.device_type)
 
 
 def data_position(config, world_size: int, step: int, steps_per_epoch: int):

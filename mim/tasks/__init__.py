@@ -15,7 +15,15 @@ A task module defines (``docs/protocol.md`` explains each with examples):
   loss from correct1, correct5, loss_sum, count).
 - ``param_rules(config) -> ParamRules``: what the task freezes. Weight-decay exemptions and
   layer ids are facts of the model (:func:`mim.models.param_rules`); a task adds to them
-  only where its recipe differs from the model's own.
+  only where its recipe differs from the model's own. ``lr_multipliers`` and
+  ``weight_decays`` (``(regex, value)`` rules) give names their own lr scale and weight
+  decay on top of the config's (a linear-probe grid: one group per head).
+- ``validate(config)`` (optional): the task's own config checks, run by
+  :func:`mim.config.validate` before any work.
+- ``select(val, held) -> metrics`` (optional): the eval metrics with a choice made on the
+  held-out part of the train split (``config.probe.holdout``: a linear-probe grid's head);
+  ``report(config, metrics) -> (summary entries, results.md text) | None`` (optional): a
+  table of the run's results, written to the workdir (:mod:`mim.train.evaluation`).
 - ``batch_extras(gen, config) -> {name: tensor}`` (optional): per-sample draws the input
   pipeline makes from the sample's own generator (MAE noise, SimMIM and BEiT masks), so
   the step stays a deterministic function of its batch.
@@ -59,6 +67,8 @@ class ParamRules:
     layer_id: Optional[Callable[[str], int]] = None
     no_decay: Sequence[str] = ()
     frozen: Sequence[str] = ()
+    lr_multipliers: Sequence[Tuple[str, float]] = ()   # (regex, factor), after config.optim's
+    weight_decays: Sequence[Tuple[str, float]] = ()    # (regex, weight decay) of decaying names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,11 @@ ViT, BEiT-style ViT, Swin), features from its ``features`` function
   tokens) of that block's output, all trained together on the sum of their losses, as
   BEiT's run_linear_eval.py (``LinearClassifier``: ``linear.<i>.*``, weights
   normal(0, 0.01)); evaluation reports every block and the best.
+
+``config.probe.lr_grid`` / ``wd_grid``: a grid of heads, every (lr, weight decay, block)
+trained together over one forward of the encoder (:mod:`mim.tasks.probe_grid`).
+``config.probe.holdout``: a fraction of the train split kept out of training, on which the
+best head (or block) is selected (:mod:`mim.data.holdout`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from mim import models
 from mim.config import ConfigError
 from mim.nn import init as I
 from mim.tasks import ParamRules, classify
+from mim.tasks import probe_grid
 
 # BatchNorm1d(affine=False, eps=1e-6) with torch's default momentum (main_linprobe.py).
 BN_EPS, BN_MOMENTUM = 1e-6, 0.1
@@ -34,12 +40,17 @@ FEATURES = ("pooled", "blocks")
 
 
 def probe_config(features: str = "pooled", batch_norm: bool = False,
-                 encoder_train: bool = False) -> ml_collections.ConfigDict:
+                 encoder_train: bool = False, lr_grid=(), wd_grid=(),
+                 holdout: float = 0.0) -> ml_collections.ConfigDict:
     """``encoder_train``: the frozen encoder computes its training features in training
     mode (drop path on), as MoBY's moby_linear.py leaves the whole model in ``train()``;
-    evaluation always reads inference-mode features."""
+    evaluation always reads inference-mode features. ``lr_grid`` (in the units of
+    ``optim.lr`` / ``optim.base_lr``), ``wd_grid``: a grid of heads (empty: one head, the
+    run's lr and weight decay); ``holdout``: the fraction of train images kept out of
+    training to select the best head on."""
     return ml_collections.ConfigDict(dict(features=features, batch_norm=batch_norm,
-                                          encoder_train=encoder_train))
+                                          encoder_train=encoder_train, lr_grid=tuple(lr_grid),
+                                          wd_grid=tuple(wd_grid), holdout=float(holdout)))
 
 
 def _probe(config):
@@ -55,7 +66,21 @@ def _probe(config):
     if p.features == "blocks" and config.model.get("name", "vit") == "swin":
         raise ConfigError("config.probe.features: 'blocks' reads a class token; Swin has none "
                           "(use 'pooled')")
+    probe_grid.check(config)
     return p
+
+
+def validate(config) -> None:
+    """Before any work (:func:`mim.config.validate`)."""
+    _probe(config)
+
+
+def grid_heads(config):
+    """The grid's heads (:class:`mim.tasks.probe_grid.Head`), or None without a grid."""
+    if not probe_grid.active(config):
+        return None
+    _, cfg = encoder(config)
+    return probe_grid.heads(config, num_blocks(cfg))
 
 
 def encoder(config):
@@ -99,6 +124,15 @@ def init(config, gen: torch.Generator):
             model_state = _probe_statistics(registry.resolve(config.init.checkpoint), model_state)
     else:
         params["head"] = I.linear(dim, n, gen, std=std)
+    hs = grid_heads(config)
+    if hs is not None:  # every head starts from the single probe's draws (probe_grid.init)
+        if probe.features == "blocks":
+            linear = params.pop("linear")
+            single = [linear[str(i)] for i in range(num_blocks(cfg))]
+        else:
+            head = params.pop("head")
+            single = [head["1"] if probe.batch_norm else head]
+        params["grid"] = probe_grid.init(single, hs)
     return params, model_state
 
 
@@ -140,7 +174,7 @@ def features(params, images, config, train: bool = False):
     No gradient flows into the frozen encoder, so its forward is not recorded for
     backward (saves the activations' memory)."""
     module, cfg = encoder(config)
-    enc = {k: v for k, v in params.items() if k not in ("head", "linear")}
+    enc = {k: v for k, v in params.items() if k not in ("head", "linear", "grid")}
     blocks = config.probe.features == "blocks"
     with torch.no_grad():
         out = module.features(enc, images, cfg, blocks=blocks,
@@ -151,8 +185,15 @@ def features(params, images, config, train: bool = False):
 
 
 def logits_and_state(params, model_state, images, config, train: bool):
-    """A list of logits, one per classifier, and the new model state."""
+    """A list of logits, one per classifier (a grid: one ``(H, B, C)`` tensor of every
+    head's), and the new model state."""
     feats = features(params, images, config, train)
+    hs = grid_heads(config)
+    if hs is not None:
+        if config.probe.batch_norm:  # one parameter-free BatchNorm, shared: the heads read the same input
+            x, bn = batch_norm(model_state["head"]["0"], feats[0], train)
+            feats, model_state = [x], {"head": {"0": bn}}
+        return [probe_grid.logits(params["grid"], feats, hs)], model_state
     if config.probe.features == "blocks":
         heads = [params["linear"][str(i)] for i in range(len(feats))]
         return [F.linear(x.to(h["weight"].dtype), h["weight"], h["bias"]) for x, h in zip(feats, heads)], model_state
@@ -167,6 +208,11 @@ def logits_and_state(params, model_state, images, config, train: bool):
 
 def loss(params, model_state, batch, config, train: bool, frozen=None):
     logits, model_state = logits_and_state(params, model_state, batch["image"], config, train)
+    if probe_grid.active(config):  # the sum of the heads' losses; accuracy of the last head
+        z = logits[0]
+        value = probe_grid.loss(z, batch["label"], config.data.label_smoothing)
+        metrics = {"accuracy": (z[-1].argmax(-1) == batch["label"]).float().mean()}
+        return value, (model_state, metrics)
     # The sum over the per-block classifiers (run_linear_eval.py); one term otherwise.
     # data.label_smoothing: MoBY's moby_linear.py smooths by 0.1; MAE and BEiT do not.
     value = sum(F.cross_entropy(z.float(), batch["label"], label_smoothing=config.data.label_smoothing)
@@ -179,36 +225,71 @@ def evaluate(params, model_state, batch, config, frozen=None):
     logits, _ = logits_and_state(params, model_state, batch["image"], config, train=False)
     label = batch["label"]
     out = {"count": torch.tensor(label.shape[0], device=label.device)}
+    grid = probe_grid.active(config)
+    if grid:
+        logits = list(logits[0].unbind(0))
     for i, z in enumerate(logits):
-        suffix = f"_block{i}" if config.probe.features == "blocks" else ""
+        suffix = f"_head{i}" if grid else f"_block{i}" if config.probe.features == "blocks" else ""
         for k, v in classify.topk_correct(z, label).items():
             out[k + suffix] = v
         out["loss_sum" + suffix] = F.cross_entropy(z.float(), label, reduction="sum")
     return out
 
 
+def _unit(sums):
+    """"head" (a grid), "block" (per-block probes) or None (one head)."""
+    for unit in ("head", "block"):
+        if any(k.startswith(f"correct1_{unit}") for k in sums):
+            return unit
+    return None
+
+
 def summarize(sums):
-    """acc1 / acc5 / loss; per-block probes report each block and the best (by top-1)."""
+    """acc1 / acc5 / loss; per-block probes and grids report each block / head and the best
+    (by top-1 on this split; :func:`select` redoes the choice on the held-out split)."""
     n = max(sums.get("count", 0), 1)
     out = {"count": int(sums.get("count", 0))}
-    blocks = sorted(int(k[len("correct1_block"):]) for k in sums if k.startswith("correct1_block"))
-    suffixes = [f"_block{i}" for i in blocks] or [""]
+    unit = _unit(sums)
+    ids = sorted(int(k[len(f"correct1_{unit}"):]) for k in sums if k.startswith(f"correct1_{unit}")) if unit else []
+    suffixes = [f"_{unit}{i}" for i in ids] or [""]
     for s in suffixes:
         out["acc1" + s] = 100.0 * sums["correct1" + s] / n
         out["acc5" + s] = 100.0 * sums["correct5" + s] / n
         out["loss" + s] = sums["loss_sum" + s] / n
-    if blocks:
-        best = max(blocks, key=lambda i: out[f"acc1_block{i}"])
-        out.update(best_block=best, acc1=out[f"acc1_block{best}"], acc5=out[f"acc5_block{best}"],
-                   loss=out[f"loss_block{best}"])
+    if ids:
+        best = max(ids, key=lambda i: out[f"acc1_{unit}{i}"])
+        out.update({f"best_{unit}": best, "acc1": out[f"acc1_{unit}{best}"],
+                    "acc5": out[f"acc5_{unit}{best}"], "loss": out[f"loss_{unit}{best}"]})
     return out
+
+
+def select(val: dict, held: dict) -> dict:
+    """The val metrics with the head (or block) selected on the held-out part of the train
+    split (``probe.holdout``), and that one's val accuracy as ``acc1``."""
+    unit = "head" if any(k.startswith("acc1_head") for k in held) else \
+        "block" if any(k.startswith("acc1_block") for k in held) else None
+    if unit is None:  # one head: nothing to select, the holdout accuracy is reported
+        return dict(val, holdout_acc1=held.get("acc1"), holdout_count=held.get("count", 0))
+    return probe_grid.select(val, held, unit)
+
+
+def report(config, metrics: dict):
+    """Summary entries and a ``results.md`` table of every head of a grid (None without one)."""
+    hs = grid_heads(config)
+    if hs is None:
+        return None
+    return probe_grid.report(config, metrics, hs)
 
 
 def param_rules(config) -> ParamRules:
     """Everything but the classifier(s) is frozen (the references set requires_grad=False
     on all but ``model.head`` / train only the ``LinearClassifier``). LARS exempts 1-D
     tensors from weight decay itself."""
-    return ParamRules(frozen=(r"^(?!head\.|linear\.)",))
+    hs = grid_heads(config)
+    if hs is None:
+        return ParamRules(frozen=(r"^(?!head\.|linear\.)",))
+    lr, wd = probe_grid.rules(config, hs)
+    return ParamRules(frozen=(r"^(?!grid\.)",), lr_multipliers=lr, weight_decays=wd)
 
 
 def batch_extras(gen, config):

@@ -16,6 +16,7 @@ from mim.train import metrics as metrics_lib
 from mim.train.setup import Setup
 
 EVAL_RESULTS = "eval_results.json"
+RESULTS = "results.md"          # a task's own table (write_report)
 
 
 def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]:
@@ -59,6 +60,34 @@ def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]
     return out
 
 
+def evaluate_all(setup: Setup, params, model_state) -> Dict[str, float]:
+    """:func:`evaluate` on the eval split and, with a held-out part of the train split
+    (``config.probe.holdout``), on it too: the task's ``select(val, held)`` chooses on the
+    held-out metrics (a linear-probe grid's head), else they are added as ``holdout_*``."""
+    out = evaluate(setup, params, model_state)
+    loader = pipeline.holdout_loader(setup.config, setup.be, setup.task)
+    if loader is None:
+        return out
+    held = evaluate(setup, params, model_state, loader=loader)
+    if hasattr(setup.task, "select"):
+        return setup.task.select(out, held)
+    return dict(out, **{f"holdout_{k}": v for k, v in held.items() if k in ("acc1", "acc5", "loss", "count")})
+
+
+def write_report(task, config, workdir: str, metrics: Dict[str, float]) -> dict:
+    """The task's ``report(config, metrics) -> (summary entries, results.md text)`` (a
+    linear-probe grid's table of heads): writes ``<workdir>/results.md`` and returns the
+    entries for ``summary.json`` ({} when the task has none)."""
+    got = task.report(config, metrics) if hasattr(task, "report") and metrics else None
+    if got is None:
+        return {}
+    extra, text = got
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, RESULTS), "w") as f:
+        f.write(text)
+    return extra
+
+
 def _classification_summary(s):
     n = max(s.get("count", 0), 1)
     out = {"count": int(s.get("count", 0))}
@@ -98,7 +127,7 @@ def eval_line(result: Dict[str, float]) -> str:
     a task without accuracies (a pretraining loss, BEiT's token accuracy) shows what it has."""
     names = {"acc1": "Acc@1 {:.3f}", "acc5": "Acc@5 {:.3f}", "loss": "loss {:.4f}"}
     shown = [names[k].format(result[k]) for k in names if k in result]
-    shown += [f"{k} {v:.4g}" for k, v in result.items()
+    shown += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
               if k not in names and k not in ("count", "skipped_images") and isinstance(v, (int, float))]
     return " ".join(shown)
 
@@ -109,8 +138,9 @@ def evaluate_only(config, workdir: str) -> Dict[str, float]:
     the result is also written to ``<workdir>/eval_results.json``."""
     setup = Setup(config, workdir)
     params, model_state, source = load_for_eval(setup)
-    result = evaluate(setup, params, model_state)
+    result = evaluate_all(setup, params, model_state)
     if setup.be.is_main:
+        result = dict(result, **write_report(setup.task, config, workdir, result))
         skipped = f", {result['skipped_images']} unreadable skipped" if result.get("skipped_images") else ""
         print(f"* {eval_line(result)} ({result['count']} images{skipped}, {source})", flush=True)
         os.makedirs(workdir, exist_ok=True)

@@ -21,7 +21,7 @@ from mim.train import knn, lifecycle
 from mim.train import metrics as metrics_lib
 from mim.train import workdir_lock
 from mim.train import sharding as sharding_lib
-from mim.train.evaluation import evaluate, evaluate_only, knn_only  # noqa: F401 - the modes' entry points
+from mim.train.evaluation import evaluate, evaluate_all, evaluate_only, knn_only, write_report  # noqa: F401 - the modes' entry points
 from mim.train.setup import Setup, fingerprint
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _train(config, workdir: str) -> Dict[str, float]:
                 sums, count, images, data_time = {}, 0, 0, 0.0
                 t_log = time.perf_counter()
             if hasattr(task, "evaluate") and (done % eval_every == 0 or done == total):
-                eval_metrics = evaluate(setup, built.params(), state["model_state"])
+                eval_metrics = evaluate_all(setup, built.params(), state["model_state"])
                 ema_params = built.ema_params()
                 if ema_params is not None:  # the average beside the raw weights: eval/ema_*
                     ema_metrics = evaluate(setup, ema_params, state["model_state"])
@@ -256,7 +256,9 @@ def _train(config, workdir: str) -> Dict[str, float]:
                    **{f"eval_{k}": v for k, v in eval_metrics.items()}}
         if be.is_main:
             writer.close()
-            print("summary: " + lifecycle.fmt(summary), flush=True)
+            summary.update(write_report(task, c, workdir, eval_metrics))   # a probe grid's heads
+            print("summary: " + lifecycle.fmt({k: v for k, v in summary.items() if not k.startswith("probe_")}),
+                  flush=True)
             lifecycle.write_summary(workdir, summary)
             plot.write_curves(workdir)
             if stopped:

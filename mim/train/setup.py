@@ -162,7 +162,8 @@ class Setup:
             {n: flat[n].shape for n in trainable}, weight_decay=c.optim.weight_decay,
             no_decay_patterns=rules.no_decay, layer_decay=c.optim.layer_decay,
             layer_id=rules.layer_id, num_layers=rules.num_layers,
-            lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers], exempt_1d=c.optim.exempt_1d)
+            lr_multipliers=[tuple(x) for x in c.optim.lr_multipliers] + list(rules.lr_multipliers),
+            exempt_1d=c.optim.exempt_1d, weight_decay_rules=rules.weight_decays)
         opt = optim.create(c.optim.name, c.optim)
         shard = sharding_lib.create(c.sharding, trainable, be)
         state = step_lib.create_state(params, model_state, opt, trainable, be, sharding=shard,
