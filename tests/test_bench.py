@@ -90,7 +90,7 @@ def test_peak_table():
 
 
 @pytest.mark.parametrize("name", ["vit_b32.py", "mae_base.py", "beit_base.py", "moby_swin_tiny.py",
-                                  "simmim_swin_base.py"])
+                                  "simmim_swin_base.py", "moby_swin_tiny_linear.py"])
 def test_train_step_is_one_graph(name, one_thread):
     """The whole step (forward, torch.func backward, clipping, optimizer) traces with no
     graph break (fullgraph) and is not traced again on later steps: what torch.compile

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mim import models
+from mim.models.derived import Derived
 from mim.config import ConfigError
 from mim.nn import init as I
 from mim.tasks import ParamRules, classify
@@ -84,10 +85,9 @@ def grid_heads(config):
 
 
 def encoder(config):
-    """The backbone module and its config without a head."""
-    cfg = config.model.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.num_classes = 0
+    """The backbone module and its config without a head (a read-only view: the loss
+    builds it while ``torch.compile`` traces, mim.models.derived)."""
+    cfg = Derived(config.model, {"num_classes": 0})
     return models.get(cfg.get("name", "vit")), cfg
 
 
