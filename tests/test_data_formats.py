@@ -264,3 +264,16 @@ def test_bench_data_mode_measures_each_format(fmt, wds_dir, hf_dir, one_thread):
     r = bench.bench_data(c, batches=2, images=8)
     assert r["format"] == fmt and r["images_in_split"] == 120
     assert r["one_worker_images_per_s"] > 0 and r["loader_images_per_s"] > 0
+
+
+def test_imagenet_size_set_for_data_figures(tmp_path):
+    """The set BENCHMARKS.md's data-format figures read: 500x375 JPEGs, per_class per class."""
+    from PIL import Image
+    from mim.data import throughput
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party",
+                       "cifar10-mini")
+    n = throughput.write_imagenet_size_set(src, str(tmp_path / "set"), per_class=2)
+    classes = sorted(os.listdir(tmp_path / "set" / "train"))
+    assert n == 2 * len(classes) == 20
+    first = os.listdir(tmp_path / "set" / "train" / classes[0])[0]
+    assert Image.open(tmp_path / "set" / "train" / classes[0] / first).size == (500, 375)
