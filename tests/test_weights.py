@@ -253,3 +253,28 @@ def test_convert_reads_a_name_and_the_dalle_encoder_needs_the_trust_flag(cache, 
     assert "\n" not in str(e.value) and "https://cdn.openai.com/dall-e/encoder.pkl" in str(e.value)
     with pytest.raises(registry.UnknownName, match="python -m mim.weights list"):
         registry.resolve("no_such_checkpoint")
+
+
+def test_a_torch_file_is_converted_once_to_safetensors_with_its_arguments(cache, monkeypatch, tmp_path,
+                                                                         timm_file):
+    """An official .pth (a {"model", "args"} training checkpoint, as MAE's) becomes a
+    safetensors file in the cache at first use, holding the same tensors and the training
+    arguments; later uses read that file and ask the server nothing."""
+    import argparse
+    import io
+    from mim.checkpoints import weights
+    _, flat = timm_file
+    buf = io.BytesIO()
+    torch.save({"model": flat, "args": argparse.Namespace(model="vit_tiny", norm_pix_loss=True),
+                "epoch": 3}, buf)
+    with Server({"ckpt.pth": buf.getvalue()}) as s:
+        r = registry.Release("tiny_pth", (f"{s.url}/ckpt.pth",), "mae", TINY_VIT, "test")
+        _register(monkeypatch, r)
+        path = registry.resolve("tiny_pth")
+        assert path.endswith(".mim.safetensors") and path.startswith(str(cache))
+        got, args = weights.read_with_args(path)
+        assert set(got) == set(flat) and all(torch.equal(got[k], flat[k]) for k in flat)
+        assert args == {"model": "vit_tiny", "norm_pix_loss": True}
+        stamp = os.stat(path).st_mtime_ns
+        assert registry.resolve("tiny_pth") == path and os.stat(path).st_mtime_ns == stamp
+        assert len(s.requests) == 1

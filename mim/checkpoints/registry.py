@@ -378,7 +378,29 @@ def resolve(name_or_path: str, *, fetch: bool = True) -> str:
         return conv
     if not fetch and not os.path.exists(cache_path(release)):
         raise _fail(release, release.urls[0], "not in the cache")
-    return download(release)
+    return converted(release, download(release))
+
+
+def converted(release: Release, path: str) -> str:
+    """A torch-file release once converted to safetensors beside it (its state dict, and
+    its training arguments as JSON metadata for the loaders that read them), written
+    atomically at first use and read from then on; a safetensors release as it is."""
+    if path.endswith(".safetensors"):
+        return path
+    dst = _converted_path(release)
+    if os.path.exists(dst):
+        return dst
+    import safetensors.torch
+
+    from mim.checkpoints import weights
+    flat, args = weights.read_with_args(path)
+    meta = {"format": release.format, "source": release.urls[0]}
+    if args is not None:
+        meta["args"] = json.dumps(args, default=str)
+    tmp = dst + f".tmp{os.getpid()}.safetensors"
+    safetensors.torch.save_file({k: v.contiguous().clone() for k, v in flat.items()}, tmp, metadata=meta)
+    os.replace(tmp, dst)
+    return dst
 
 
 def convert_dalle(release: Release, trust_pickle: bool) -> str:

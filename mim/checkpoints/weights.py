@@ -3,6 +3,7 @@ run from a timm or mim checkpoint."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -27,7 +28,12 @@ def _load(src):
     if os.path.isdir(path):
         path = os.path.join(path, "state.safetensors")
     if path.endswith(".safetensors"):
-        return safetensors.torch.load_file(path)
+        tensors = safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if "args" in meta:  # a converted official file keeps its training arguments (registry)
+            return {"model": tensors, "args": json.loads(meta["args"])}
+        return tensors
     try:
         # MAE's training checkpoints also store its argparse Namespace, a class that
         # only sets attributes: allowing it keeps weights_only's guarantee.
