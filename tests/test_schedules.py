@@ -136,7 +136,7 @@ def test_mae_cosine_is_adjust_learning_rate(accum):
             k += 1
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_vit_cosine_is_lambdalr_stepped_before_the_optimizer():
     """ViT-pytorch train.py: ``scheduler.step()`` then ``optimizer.step()``."""
     warmup, total, base = 3, 12, 0.03
