@@ -23,8 +23,9 @@ README commands; the defaults are what a bare command would run):
   ``--lr 4e-3``, which is the same at its 8 x 128 = 1024 images).
 
 ``:tiny`` is one small encoder (4-px patches on the bundled 32-px images: an 8x8 grid, 40%
-of it masked in blocks) with a small random DALL-E-layout tokenizer reading 64-px views
-(8 px per token); the same encoder for pretraining, fine-tuning and linear probing, so a
+of it masked in blocks) with a patch k-means tokenizer (:mod:`mim.models.patch_kmeans`)
+fitted at the run's start on the tokenizer views of its first 2,048 training crops, reading
+64-px views (8 px per token); the same encoder for pretraining, fine-tuning and linear probing, so a
 tiny pretraining run's workdir plugs into the other two with
 ``--config.init.checkpoint=<workdir>``.
 """
@@ -40,7 +41,9 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 TINY_ENCODER = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4)
 # 64-px tokenizer views give the 8x8 token grid of the 8x8 patch grid (112 / 8 = 224 / 16).
-TINY_TOKENIZER = dict(image_size=64, n_hid=16, n_blk_per_group=1, vocab_size=512)
+# A random DALL-E encoder of that size gives a degenerate vocabulary (its most frequent
+# id is 63% of the masked tokens): the model would learn the id distribution only.
+TINY_TOKENIZER = dict(image_size=64, vocab_size=64, pool=2)
 # 25 of 64 patches (75 / 196 of the grid), blocks of at least 4 (16 / 196 of it).
 TINY_MASK = dict(num_masking_patches=25, min_num_patches=4)
 TINY_CLASSES = 10
@@ -85,7 +88,7 @@ def pretrain(arg=None, name: str = "beit_base.py"):
     if v.tiny:
         _tiny_data(c)
         c.model.update(**TINY_ENCODER, vocab_size=TINY_TOKENIZER["vocab_size"], drop_path_rate=0.0)
-        c.tokenizer = tokenizers.config("dalle", dtype="float32", **TINY_TOKENIZER)
+        c.tokenizer = tokenizers.config("kmeans", **TINY_TOKENIZER)
         c.mask = beit_task.mask_config(**TINY_MASK)
         c.data.crop_scale = (0.35, 1.0)           # 8% crops of 32-px images are 9 px
         shared.tiny_schedule(c, batch_size=64, steps=300, warmup_steps=20, log_every=25, lr=1.5e-3)

@@ -7,8 +7,9 @@ what a peer is). Also the Swin linear probe of MoBY's linear evaluation.
 - BEiT pretraining (microsoft/unilm ``beit/modeling_pretrain.py``,
   ``engine_for_pretraining.py``): timm ``Beit`` with a ``mask_token`` that replaces the
   masked patch embeddings before the class token, and an ``lm_head`` on the masked
-  positions (``x[bool_masked_pos]``); the tokenizer is :class:`DalleEncoder`, an
-  ``nn.Module`` in eval mode run under ``torch.no_grad`` outside autocast; the loss is
+  positions (``x[bool_masked_pos]``); the tokenizer is :class:`DalleEncoder` (or
+  :class:`PatchKMeans` for the ``:tiny`` k-means codebook), an ``nn.Module`` in eval mode
+  run under ``torch.no_grad`` outside autocast; the loss is
   ``CrossEntropyLoss`` over the masked tokens of the batch.
 - MoBY (SwinTransformer/Transformer-SSL ``models/moby.py``): online and momentum timm
   ``SwinTransformer`` encoders, ``MoBYMLP`` projectors and predictor, the two queues and
@@ -37,7 +38,7 @@ from timm.models.beit import Beit
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
 
 from mim import tree
-from mim.models import beit_pretrain, dalle, moby
+from mim.models import beit_pretrain, dalle, moby, patch_kmeans
 
 # ----------------------------------------------------------------------------------------
 # The DALL-E encoder (openai/DALL-E ``dall_e/encoder.py``) with torch.nn layers.
@@ -113,6 +114,32 @@ class DalleEncoder(tnn.Module):
         self.load_state_dict(flat, strict=True)
 
 
+class PatchKMeans(tnn.Module):
+    """The patch k-means tokenizer as a module: ``F.avg_pool2d`` cells, ``torch.cdist``
+    to the codebook buffer, argmin. Frozen."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pool = cfg.pool
+        self.register_buffer("codebook", torch.zeros(cfg.vocab_size, 3 * cfg.pool ** 2))
+
+    @torch.no_grad()
+    def token_ids(self, x):
+        cell = patch_kmeans.DOWNSAMPLE // self.pool
+        f = F.avg_pool2d(x.float(), cell)                                  # (B, 3, h p, w p)
+        b, c, hp, wp = f.shape
+        h, w = hp // self.pool, wp // self.pool
+        f = f.view(b, c, h, self.pool, w, self.pool).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, -1)
+        return torch.cdist(f, self.codebook.expand(b, -1, -1)).argmin(-1)
+
+    def load_tree(self, params: dict) -> None:
+        self.load_state_dict({"codebook": params["codebook"]}, strict=True)
+
+
+TOKENIZER_PEERS = {"dalle": lambda tok: DalleEncoder(tok.model, float16=tok.dtype == "float16"),
+                   "kmeans": lambda tok: PatchKMeans(tok.model)}
+
+
 # ----------------------------------------------------------------------------------------
 # BEiT pretraining.
 
@@ -124,13 +151,13 @@ class BeitPretrain(Beit):
     def __init__(self, config):
         from mim.peers import beit_kwargs
         m, tok = config.model, config.tokenizer
-        if tok.name != "dalle":
-            raise ValueError(f"no peer for tokenizer {tok.name!r} (the peer has the DALL-E encoder)")
+        if tok.name not in TOKENIZER_PEERS:
+            raise ValueError(f"no peer for tokenizer {tok.name!r} (peers: {sorted(TOKENIZER_PEERS)})")
         super().__init__(**beit_kwargs(beit_pretrain.backbone(m)))
         self.mask_token = tnn.Parameter(torch.zeros(1, 1, m.embed_dim))
         self.lm_head = tnn.Linear(m.embed_dim, m.vocab_size)
         tnn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.tokenizer = DalleEncoder(tok.model, float16=tok.dtype == "float16")
+        self.tokenizer = TOKENIZER_PEERS[tok.name](tok)
 
     def forward_masked(self, x, bool_masked_pos):
         """The reference's ``forward(x, bool_masked_pos, return_all_tokens=False)``."""

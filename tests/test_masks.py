@@ -81,3 +81,28 @@ def test_beit_block_masks_are_blocky():
 def test_beit_rejects_too_many_patches():
     with pytest.raises(ValueError, match="exceeds"):
         masks.beit_block_mask(gen(0), 4, 20)
+
+
+def test_random_patch_mask_masks_exactly_the_count_uniformly():
+    """BEiT's Table 4 ablation: num_masking_patches positions, each equally likely."""
+    from mim.data.masks import random_patch_mask
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([random_patch_mask(gen, 8, 25) for _ in range(4000)])
+    assert draws.shape == (4000, 8, 8) and (draws.flatten(1).sum(1) == 25).all()
+    freq = draws.float().mean(0)
+    # each of the 64 positions is masked with probability 25/64; 4000 draws: sd 0.0077
+    assert (freq - 25 / 64).abs().max() < 0.04
+    with pytest.raises(ValueError, match="must be in 1..64"):
+        random_patch_mask(gen, 8, 65)
+
+
+def test_beit_mask_mode_reaches_the_batch_and_is_checked():
+    from conftest import experiment
+    from mim.config import ConfigError
+    from mim.tasks import beit_pretrain
+    c = experiment("beit_base", "tiny", **{"mask.mode": "random"})
+    mask = beit_pretrain.batch_extras(torch.Generator().manual_seed(1), c)["mask"]
+    assert mask.sum() == c.mask.num_masking_patches
+    c.mask.mode = "grid"
+    with pytest.raises(ConfigError, match="config.mask.mode='grid'"):
+        beit_pretrain.check(c)

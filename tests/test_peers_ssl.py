@@ -35,6 +35,9 @@ def jiggle(t, gen, scale=0.05):
 
 def test_beit_peer_equals_mim():
     c = tiny("beit_base.py", batch_size=4)
+    # the DALL-E layout of the :tiny size (the :tiny default is the k-means codebook, below)
+    c.tokenizer = tokenizers.config("dalle", image_size=64, n_hid=16, n_blk_per_group=1, vocab_size=512)
+    c.model.vocab_size = 512
     task = tasks.get(c.task)
     gen = torch.Generator().manual_seed(0)
     params, _ = task.init(c, gen)
@@ -71,6 +74,21 @@ def test_beit_peer_equals_mim():
     # the frozen tokenizer stays out of training
     assert not any(p.requires_grad for p in peer.tokenizer.parameters())
     assert not peer.tokenizer.training and peer.training
+
+
+def test_kmeans_tokenizer_peer_gives_mims_ids():
+    """The :tiny tokenizer: torch's avg_pool2d + cdist + argmin against mim's features."""
+    c = tiny("beit_base.py", batch_size=4)
+    assert c.tokenizer.name == "kmeans"
+    task = tasks.get(c.task)
+    batch = bench.synthetic_batch(c, task, c.batch_size, "cpu", seed=1)
+    gen = torch.Generator().manual_seed(3)
+    tok = {"codebook": torch.rand(c.model.vocab_size, 12, generator=gen) * 2 - 1}
+    peer = peers.build(c)
+    peer.load_mim(task.init(c, gen)[0], tok)
+    ids = peer.frozen_forward(batch)
+    torch.testing.assert_close(ids, task.frozen_forward({"tokenizer": tok}, batch, c), rtol=0, atol=0)
+    assert len(ids.unique()) > 10
 
 
 def test_moby_peer_equals_mim():

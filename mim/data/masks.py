@@ -101,6 +101,20 @@ def beit_block_mask(gen: torch.Generator, grid: Union[int, Tuple[int, int]] = 14
     return mask
 
 
+def random_patch_mask(gen: torch.Generator, grid: Union[int, Tuple[int, int]] = 14,
+                      num_masking_patches: int = 75) -> torch.Tensor:
+    """``num_masking_patches`` patches drawn uniformly without replacement: BEiT's
+    "w/o blockwise masking" ablation (Bao et al. 2022, Table 4: random masking at the same
+    40% ratio). Returns a ``(H, W)`` int64 0/1 tensor."""
+    H, W = (grid, grid) if isinstance(grid, int) else grid
+    if not 1 <= num_masking_patches <= H * W:
+        raise ValueError(f"num_masking_patches={num_masking_patches}: must be in 1..{H * W} "
+                         f"(the {H}x{W} grid)")
+    mask = torch.zeros(H * W, dtype=torch.long)
+    mask[torch.randperm(H * W, generator=gen)[:num_masking_patches]] = 1
+    return mask.view(H, W)
+
+
 def beit_block_masks(gen: torch.Generator, batch: int, grid: Union[int, Tuple[int, int]] = 14,
                      **kwargs) -> torch.Tensor:
     """``(batch, H, W)`` independent BEiT block masks."""

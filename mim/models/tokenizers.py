@@ -1,22 +1,25 @@
 """Visual tokenizers: frozen networks that turn an image into a grid of discrete token ids,
 the targets of BEiT pretraining (Bao et al., 2022, Sec. 2.2).
 
-``config.tokenizer`` names one (``name``), its weights file (``weights``; "" initialises it
-randomly, for tests and ``:tiny`` runs), the side of the image it reads (``image_size``;
+``config.tokenizer`` names one (``name``), its weights file (``weights``; "" builds it from
+the run's seed: a random DALL-E encoder for tests, a fitted k-means codebook), the side of the image it reads (``image_size``;
 BEiT: 112 px, the ``--second_input_size``), its compute dtype (``dtype``) and its own model
-fields (``model``). A tokenizer is a :class:`Tokenizer` of functions in :data:`TOKENIZERS`;
+fields (``model``). Two are known: ``dalle`` (BEiT's DALL-E dVAE encoder) and ``kmeans``
+(:mod:`mim.models.patch_kmeans`: a patch codebook fitted on the run's first training
+crops when ``weights`` is "", saved beside the run; the ``:tiny`` recipes' default).
+A tokenizer is a :class:`Tokenizer` of functions in :data:`TOKENIZERS`;
 adding one is one entry there and a weight reader under ``mim/checkpoints`` (the DALL-E
 encoder's is :func:`mim.checkpoints.dalle.load`), named in the BEiT task's loader table.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import ml_collections
 import torch
 
-from mim.models import dalle
+from mim.models import dalle, patch_kmeans
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -26,7 +29,9 @@ class Tokenizer:
     """``model_config(**kw)`` -> model fields; ``init(gen, model_cfg)`` -> tree;
     ``logits(params, x, model_cfg, dtype)`` -> ``(B, vocab, h, w)`` for an input already
     normalised with ``input_mean`` / ``input_std`` (on [0, 1] pixels); ``downsample``: image
-    pixels per token side; ``vocab_size(model_cfg)``."""
+    pixels per token side; ``vocab_size(model_cfg)``; ``fit(images, model_cfg, gen)`` ->
+    tree, for a tokenizer built from training images rather than initialised (``None``:
+    ``weights=""`` initialises it from the seed); ``fit_images(model_cfg)``: how many."""
     model_config: Callable
     init: Callable
     logits: Callable
@@ -34,6 +39,8 @@ class Tokenizer:
     downsample: int
     input_mean: Tuple[float, ...]
     input_std: Tuple[float, ...]
+    fit: Optional[Callable] = None
+    fit_images: Optional[Callable] = None
 
 
 def _dalle_logits(params, x, model_cfg, dtype):
@@ -45,6 +52,11 @@ TOKENIZERS = {
         model_config=dalle.config, init=dalle.init, logits=_dalle_logits,
         vocab_size=lambda m: m.vocab_size, downsample=dalle.DOWNSAMPLE,
         input_mean=(dalle.INPUT_MEAN,) * 3, input_std=(dalle.INPUT_STD,) * 3),
+    "kmeans": Tokenizer(
+        model_config=patch_kmeans.config, init=patch_kmeans.init,
+        logits=patch_kmeans.logits, vocab_size=lambda m: m.vocab_size,
+        downsample=patch_kmeans.DOWNSAMPLE, input_mean=(0.0,) * 3, input_std=(1.0,) * 3,
+        fit=patch_kmeans.fit, fit_images=lambda m: m.fit_images),
 }
 
 
@@ -60,7 +72,8 @@ def config(name: str = "dalle", weights: str = "", image_size: int = 112, dtype:
     each crop (BEiT: ``--second_input_size 112``, ``--second_interpolation lanczos``).
     ``dtype="float16"`` runs the DALL-E encoder as the official code does on CUDA (every
     convolution but the output one in float16); "float32" is what it does on the CPU.
-    ``model`` overrides the tokenizer's own fields (``n_hid``, ...)."""
+    ``model`` overrides the tokenizer's own fields (``n_hid``, ...; ``vocab_size``, ``pool``
+    for ``kmeans``)."""
     if name not in TOKENIZERS:
         raise ValueError(f"tokenizer name={name!r}: must be one of {sorted(TOKENIZERS)}")
     c = ml_collections.ConfigDict(dict(

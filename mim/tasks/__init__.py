@@ -79,10 +79,16 @@ class Frozen:
     and ``:tiny`` runs; the run says so). ``load(path_or_None, gen) -> tree`` reads the
     file (safetensors or ``torch.load(weights_only=True)``) or initialises it. ``cast``:
     store it in the O2 parameter dtype (bf16/fp16 policies); by default it stays fp32 and
-    autocast decides its compute precision."""
+    autocast decides its compute precision. ``fit(images, gen) -> tree``: a network built
+    from training images instead (a k-means codebook): with ``weights=""`` it is fitted on
+    the batch key ``fit_key`` of the run's first ``fit_images`` training samples and saved
+    beside the run (:func:`mim.train.frozen.load`)."""
     weights: str
     load: Callable
     cast: bool = False
+    fit: Optional[Callable] = None
+    fit_key: str = ""
+    fit_images: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

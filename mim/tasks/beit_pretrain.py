@@ -24,23 +24,29 @@ import torch
 import torch.nn.functional as F
 
 from mim.checkpoints import dalle as dalle_ckpt
+from mim.checkpoints import patch_kmeans as kmeans_ckpt
 from mim.config import ConfigError
 from mim.data import beit_views, masks
 from mim.models import beit_pretrain, tokenizers
 from mim.tasks import Frozen, ParamRules, View, model_rules
 
 # Weight readers per tokenizer (config.tokenizer.name): path, model config -> tree.
-TOKENIZER_LOADERS = {"dalle": dalle_ckpt.load}
+TOKENIZER_LOADERS = {"dalle": dalle_ckpt.load, "kmeans": kmeans_ckpt.load}
+
+
+MASK_MODES = ("block", "random")
 
 
 def mask_config(num_masking_patches: int = 75, min_num_patches: int = 16, max_num_patches: int = 0,
-                min_aspect: float = 0.3, max_aspect: float = 0.0):
+                min_aspect: float = 0.3, max_aspect: float = 0.0, mode: str = "block"):
     """``config.mask``: run_beit_pretraining.py's ``--num_mask_patches 75``,
     ``--min_mask_patches_per_block 16``, ``--max_mask_patches_per_block`` (0: no cap beyond
-    ``num_masking_patches``) and the generator's aspect range (0: ``1 / min_aspect``)."""
+    ``num_masking_patches``) and the generator's aspect range (0: ``1 / min_aspect``).
+    ``mode``: "block" (the reference's blockwise masking) or "random" (the paper's Table 4
+    ablation: ``num_masking_patches`` patches drawn uniformly; the block fields unused)."""
     return ml_collections.ConfigDict(dict(
         num_masking_patches=num_masking_patches, min_num_patches=min_num_patches,
-        max_num_patches=max_num_patches, min_aspect=min_aspect, max_aspect=max_aspect))
+        max_num_patches=max_num_patches, min_aspect=min_aspect, max_aspect=max_aspect, mode=mode))
 
 
 def _mask_kwargs(config) -> dict:
@@ -77,8 +83,14 @@ def check(config) -> None:
                           f"{tokenizers.vocab_size(config.tokenizer)}")
     if config.tokenizer.name not in TOKENIZER_LOADERS:
         raise ConfigError(f"config.tokenizer.name: no weight reader for {config.tokenizer.name!r}")
+    mode = config.mask.mode
+    if mode not in MASK_MODES:
+        raise ConfigError(f"config.mask.mode={mode!r}: must be one of {', '.join(MASK_MODES)}")
     try:
-        masks.check_beit_mask(grid, **_mask_kwargs(config))
+        if mode == "block":
+            masks.check_beit_mask(grid, **_mask_kwargs(config))
+        else:
+            masks.random_patch_mask(torch.Generator(), grid, config.mask.num_masking_patches)
     except ValueError as e:
         raise ConfigError(f"config.mask: {e}") from None
 
@@ -95,9 +107,15 @@ def _load_tokenizer(path, gen, tok_cfg):
 
 
 def frozen_networks(config):
-    """The visual tokenizer, from ``config.tokenizer.weights`` ("" : random, for tests)."""
+    """The visual tokenizer, from ``config.tokenizer.weights`` ("": a random DALL-E encoder
+    for tests, or a k-means codebook fitted on the first training crops' tokenizer views)."""
     tok = config.tokenizer
-    return {"tokenizer": Frozen(weights=tok.weights, load=functools.partial(_load_tokenizer, tok_cfg=tok))}
+    spec = tokenizers.get(tok)
+    fit = {} if spec.fit is None else dict(
+        fit=functools.partial(spec.fit, cfg=tok.model), fit_key="tokenizer_image",
+        fit_images=spec.fit_images(tok.model))
+    return {"tokenizer": Frozen(weights=tok.weights, load=functools.partial(_load_tokenizer, tok_cfg=tok),
+                                **fit)}
 
 
 def frozen_forward(frozen, batch, config):
@@ -107,7 +125,7 @@ def frozen_forward(frozen, batch, config):
 
 
 def _forward(params, batch, config, train: bool, frozen):
-    """Per masked slot: cross-entropy, correctness and validity, each ``(B, K)``."""
+    """Per masked slot: cross-entropy, correctness, validity and target id, each ``(B, K)``."""
     ids = frozen_forward(frozen, batch, config)
     logits, aux = beit_pretrain.apply(params, batch["image"], batch["mask"], config.model, train=train,
                                       max_masked=config.mask.num_masking_patches)
@@ -115,11 +133,11 @@ def _forward(params, batch, config, train: bool, frozen):
     logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
     correct = logits.argmax(-1) == labels
-    return ce, correct, aux["valid"]
+    return ce, correct, aux["valid"], labels
 
 
 def loss(params, model_state, batch, config, train: bool, frozen):
-    ce, correct, valid = _forward(params, batch, config, train, frozen)
+    ce, correct, valid, _ = _forward(params, batch, config, train, frozen)
     # fp32 weights and cross-entropies (_forward upcasts the logits) whatever the policy:
     # an fp16 count of masked tokens would overflow past 65,504 (874 images at 75 each).
     w = valid.float()
@@ -133,17 +151,25 @@ def loss(params, model_state, batch, config, train: bool, frozen):
 
 
 def evaluate(params, model_state, batch, config, frozen):
-    ce, correct, valid = _forward(params, batch, config, False, frozen)
+    ce, correct, valid, labels = _forward(params, batch, config, False, frozen)
     w = valid.double()
+    vocab = config.model.vocab_size
     return {"ce_sum": (ce.double() * w).sum(), "correct": (correct.double() * w).sum(),
             "masked_tokens": w.sum(),
+            "token_counts": torch.zeros(vocab, dtype=torch.float64, device=ce.device)
+            .index_add_(0, labels.flatten(), w.flatten()),
             "count": torch.tensor(batch["image"].shape[0], device=ce.device)}
 
 
 def summarize(sums):
-    """Loss and accuracy over every masked token of the split."""
+    """Loss and accuracy over every masked token of the split, and ``majority_acc``: the
+    accuracy of always answering the split's most frequent masked token (the floor a
+    model that learnt only the token distribution reaches), with ``used_tokens``: how
+    many ids of the vocabulary occur among them."""
     n = max(float(sums.get("masked_tokens", 0)), 1.0)
+    counts = torch.as_tensor(sums.get("token_counts", [0.0]), dtype=torch.float64)
     return {"loss": sums["ce_sum"] / n, "mlm_acc": sums["correct"] / n,
+            "majority_acc": counts.max().item() / n, "used_tokens": int((counts > 0).sum()),
             "count": int(sums.get("count", 0))}
 
 
@@ -156,8 +182,10 @@ def param_rules(config) -> ParamRules:
 
 def batch_extras(gen: torch.Generator, config):
     """One ``(G, G)`` block mask per image (``DataAugmentationForBEiT``'s
-    ``masked_position_generator``)."""
+    ``masked_position_generator``), or uniformly random patches with ``mask.mode="random"``."""
     grid = beit_pretrain.grid_size(config.model)
+    if config.mask.mode == "random":
+        return {"mask": masks.random_patch_mask(gen, grid, config.mask.num_masking_patches)}
     return {"mask": masks.beit_block_mask(gen, grid, **_mask_kwargs(config))}
 
 

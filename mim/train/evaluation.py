@@ -41,16 +41,25 @@ def evaluate(setup: Setup, params, model_state, loader=None) -> Dict[str, float]
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.double()
     names = sorted(sums)
+    shapes = {n: tuple(sums[n].shape) for n in names}
     if be.distributed:
-        # A rank whose share of a small split is empty has no sums: agree on the names.
+        # A rank whose share of a small split is empty has no sums: agree on names and shapes.
         everyone = [None] * be.world_size
-        dist.all_gather_object(everyone, names)
-        names = sorted(set().union(*everyone))
-    v = torch.stack([sums[n] if n in sums else torch.zeros((), dtype=torch.float64, device=be.device)
-                     for n in names])
+        dist.all_gather_object(everyone, shapes)
+        for other in everyone:
+            shapes.update(other)
+        names = sorted(shapes)
+    v = torch.cat([(sums[n] if n in sums else torch.zeros(shapes[n], dtype=torch.float64, device=be.device))
+                   .reshape(-1) for n in names])
     if be.distributed:
         dist.all_reduce(v)
-    s = dict(zip(names, v.tolist()))
+    # scalars as floats; a vector sum (a histogram) as a list
+    s, at = {}, 0
+    for n in names:
+        size = max(1, int(torch.tensor(shapes[n]).prod())) if shapes[n] else 1
+        part = v[at:at + size]
+        s[n] = part.item() if not shapes[n] else part.view(shapes[n]).tolist()
+        at += size
     skipped = int(round(s.pop("skipped")))
     out = task.summarize(s) if hasattr(task, "summarize") else _classification_summary(s)
     classes = [n for n in (len(getattr(loader.dataset, "classes", ())), c.model.get("num_classes", 0)) if n]

@@ -115,7 +115,7 @@ class Setup:
     def frozen(self) -> dict:
         """The task's frozen networks on the device, loaded on first use."""
         if self._frozen is None:
-            self._frozen = frozen_lib.load(self.task, self.config, self.be)
+            self._frozen = frozen_lib.load(self.task, self.config, self.be, self.workdir)
         return self._frozen[0]
 
     @property
