@@ -118,6 +118,47 @@ def figure(runs: Sequence[Tuple[str, Series]], title: str = ""):
     return fig
 
 
+def _trend_metric(col: str) -> bool:
+    last = col.rsplit("/", 1)[-1]
+    return (last.startswith("eval_") or last == "train_loss") and not last.endswith(
+        ("_std", "_count", "_skipped_images", "_used_tokens", "_lr"))
+
+
+def trend_figure(field: str, points: Sequence[Tuple[float, dict]], baseline: Optional[dict] = None):
+    """A sweep's final metrics against its one numeric field: one panel per metric
+    (``eval_*`` and ``train_loss``, per stage ``stage/metric``), the mean with error bars
+    of one standard deviation (the ``<metric>_std`` of :func:`mim.sweep.write_table`'s
+    rows) and, where the baseline row has the metric, its mean as a dashed line with a
+    band of one standard deviation. None when no point has a metric yet."""
+    cols = list(dict.fromkeys(c for _, row in points for c, v in row.items()
+                              if isinstance(v, float) and _trend_metric(c)))
+    if not cols:
+        return None
+    from matplotlib.figure import Figure
+    n = len(cols)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
+    order = sorted(points, key=lambda p: p[0])
+    for i, col in enumerate(cols):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        xs = [x for x, row in order if col in row]
+        ys = [row[col] for x, row in order if col in row]
+        es = [row.get(col + "_std", 0.0) for x, row in order if col in row]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="pretrained")
+        if baseline and isinstance(baseline.get(col), float):
+            m, e = baseline[col], baseline.get(col + "_std", 0.0)
+            ax.axhline(m, color="grey", linestyle="--", label="random init")
+            if e:
+                ax.axhspan(m - e, m + e, color="grey", alpha=0.2)
+        ax.set_title(col)
+        ax.set_xlabel(field)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, path: str) -> str:
     """Write a PNG atomically (temporary file, then rename)."""
     path = os.fspath(path)

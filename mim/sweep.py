@@ -31,6 +31,14 @@ done, so the last one to finish writes the whole table; ``--table_only`` rewrite
 The table holds each point's overrides and its final metrics (last logged value of
 every evaluation metric and of the training loss, per stage); ``curves.png`` overlays
 the points' curves.
+
+Vectorizing. ``--vectorize`` trains a launcher's pretraining runs (every point and seed)
+as ONE run with a leading member axis, the train step ``vmap``ped over it
+(:mod:`mim.train.members`, :mod:`mim.sweep_vectorized`); each run's folder gets what it
+would alone, and the ``--then`` stages follow as usual. Runs may differ only in ``seed``
+and the lr / weight-decay fields of ``members.VECTORIZABLE``; any other difference (a
+shape such as ``model.depth``) is refused, naming the field. One process, fp32 (see
+docs/sweeps.md).
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -60,13 +69,20 @@ def _define_flags():
     :func:`load_config`) leaves absl's global flags alone."""
     config_flags.DEFINE_config_file("config", None, "experiment file: experiments/X.py[:arg]",
                                     lock_config=True)
-    flags.DEFINE_string("sweep", None, "name of a sweep the experiment file declares")
+    flags.DEFINE_string("sweep", None, "name of a sweep the experiment file declares (none: "
+                        "one point, the config as it is)")
     flags.DEFINE_string("workdir", None, "directory of the sweep: one folder per point")
     flags.DEFINE_multi_string("then", [], "downstream experiment FILE[:variant] started from "
                               "each point's final checkpoint (repeatable)")
     flags.DEFINE_list("carry", [], "override keys also applied to the --then runs")
     flags.DEFINE_string("shard", "", "i/n: run points i, i+n, ... (default: SLURM or "
                         "torchrun's rank and size, else 0/1)")
+    flags.DEFINE_integer("seeds", 1, "runs per point, with seed = config.seed + 0 .. seeds - 1; "
+                         "the tables give mean +- standard deviation")
+    flags.DEFINE_bool("baseline", False, "also run every --then stage from the random "
+                      "initialisation (a 'random_init' row), at each seed")
+    flags.DEFINE_bool("vectorize", False, "train the pretraining runs (points x seeds) as one "
+                      "vmapped run (docs/sweeps.md)")
     flags.DEFINE_bool("table_only", False, "only rewrite results.csv / results.md")
     flags.DEFINE_bool("dry_run", False, "print the points and exit")
 
@@ -277,35 +293,74 @@ def then_stages(specs: Sequence[str]) -> List[Tuple[str, str]]:
     return out
 
 
-def run(base, spec: str, sweep: str, workdir: str, then: Sequence[str] = (),
-        carry: Sequence[str] = (), shard: Tuple[int, int] = (0, 1)) -> List[dict]:
-    """Run this launcher's share of the sweep, then write the table; returns its rows."""
-    points = sweep_points(spec, sweep)
-    names = point_names(points)
+BASELINE = "random_init"      # the row of --then stages run from the random initialisation
+
+
+def run_dirs(point_dir: str, seeds: int) -> List[str]:
+    """The run folders of one point: the point's own with one seed, else ``seed=k/``."""
+    return [point_dir] if seeds == 1 else [os.path.join(point_dir, f"seed={k}") for k in range(seeds)]
+
+
+def plan(base, spec: str, sweep: Optional[str], then: Sequence[str] = (), carry: Sequence[str] = (),
+         seeds: int = 1, baseline: bool = False):
+    """``(names, points, stages, runs)``: every run of the sweep as ``(label, run_dir
+    relative to the sweep's, pretraining config or None for the baseline, {stem: config},
+    its overrides)``,
+    all built before any training (a wrong field stops the sweep first)."""
+    if seeds < 1:
+        raise SweepError(f"--seeds={seeds}: must be at least 1")
     stages = then_stages(then)
+    if baseline and not stages:
+        raise SweepError("--baseline runs the --then stages from the random initialisation: "
+                         "name at least one --then")
+    points = sweep_points(spec, sweep) if sweep else [{}]
+    names = point_names(points) if sweep else ["pretrained"]
+    if BASELINE in names:
+        raise SweepError(f"a sweep point may not be named {BASELINE!r}")
     then_configs = {stem: load_config(s) for stem, s in stages}
     for key in carry:
         if not any(key in p for p in points):
             raise SweepError(f"--carry={key}: no point of sweep {sweep!r} overrides it")
+    runs = []
+    for name, overrides in [*zip(names, points), *([(BASELINE, None)] if baseline else [])]:
+        for k, run_dir in enumerate(run_dirs(name, seeds)):
+            seed = {"seed": (overrides or {}).get("seed", base.seed) + k}
+            where = f"sweep {sweep!r} point {name}"
+            c = None if overrides is None else apply_overrides(base, {**overrides, **seed}, where)
+            carried = {kk: v for kk, v in (overrides or {}).items() if kk in carry}
+            downstream = {}
+            for stem, tc in then_configs.items():
+                downstream[stem] = apply_overrides(tc, {**carried, "seed": tc.seed + k},
+                                                   f"--then {stem} of point {name}")
+                if overrides is None:
+                    downstream[stem].init.checkpoint = ""
+            label = name if seeds == 1 else f"{name} seed={seed['seed']}"
+            shown = None if overrides is None else {**overrides, **(seed if seeds > 1 else {})}
+            runs.append((label, run_dir, c, downstream, shown))
+    return names, points, [s for s, _ in stages], runs
+
+
+def run(base, spec: str, sweep: Optional[str], workdir: str, then: Sequence[str] = (),
+        carry: Sequence[str] = (), shard: Tuple[int, int] = (0, 1), seeds: int = 1,
+        baseline: bool = False, vectorize: bool = False) -> List[dict]:
+    """Run this launcher's share of the sweep, then write the table; returns its rows."""
+    names, points, stages, runs = plan(base, spec, sweep, then, carry, seeds, baseline)
     index, count = shard
-    # Build every point's config first: a wrong field stops the sweep before any training.
-    plans = []
-    for i, (name, overrides) in enumerate(zip(names, points)):
-        c = apply_overrides(base, overrides, f"sweep {sweep!r} point {name}")
-        downstream = {stem: apply_overrides(tc, {k: v for k, v in overrides.items() if k in carry},
-                                            f"--then {stem} of point {name}")
-                      for stem, tc in then_configs.items()}
-        plans.append((i, name, c, downstream))
-    for i, name, c, downstream in plans:
-        if i % count != index:
+    if vectorize:   # the pretraining runs as one; the loop below then finds them finished
+        from mim import sweep_vectorized
+        sweep_vectorized.run_sweep(runs, workdir, shard)
+    for j, (label, rel, c, downstream, _) in enumerate(runs):
+        if j % count != index:
             continue
-        point_dir = os.path.join(workdir, name)
-        label = f"[{index}/{count}] point {i + 1}/{len(points)} {name}"
-        run_stage(c, point_dir, label)
+        run_dir = os.path.join(workdir, rel)
+        label = f"[{index}/{count}] run {j + 1}/{len(runs)} {label}"
+        if c is not None:
+            run_stage(c, run_dir, label)
         for stem, tc in downstream.items():
-            tc.init.checkpoint = os.path.abspath(final_checkpoint(point_dir))
-            run_stage(tc, os.path.join(point_dir, stem), f"{label} -> {stem}")
-    return write_table(workdir, names, points, [s for s, _ in stages])
+            if c is not None:
+                tc.init.checkpoint = os.path.abspath(final_checkpoint(run_dir))
+            run_stage(tc, os.path.join(run_dir, stem), f"{label} -> {stem}")
+    return write_table(workdir, names, points, stages, seeds, baseline)
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,47 +388,95 @@ def _status(run_dir: str) -> str:
     return "incomplete" if os.path.isdir(run_dir) else "not run"
 
 
+def _run_row(run_dir: str, stages: Sequence[str]) -> dict:
+    row = {"status": _status(run_dir)}
+    for stage, d in [("", run_dir)] + [(s + "/", os.path.join(run_dir, s)) for s in stages]:
+        if stage:
+            row[stage + "status"] = _status(d)
+        for k, v in final_metrics(d).items():
+            row[stage + k] = v
+    return row
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    n = len(values)
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
 def write_table(workdir: str, names: Sequence[str], points: Sequence[dict],
-                stages: Sequence[str]) -> List[dict]:
-    """``results.csv`` and ``results.md`` (written atomically) and ``curves.png`` per stage."""
+                stages: Sequence[str], seeds: int = 1, baseline: bool = False) -> List[dict]:
+    """``results.csv`` and ``results.md`` (written atomically), ``curves.png`` per stage
+    and, with several seeds, ``runs.csv`` (one row per run), each metric's mean and
+    standard deviation over the finished seeds (``results.csv``: ``m`` and ``m_std``;
+    ``results.md``: ``mean ± std``) and ``trend.png`` (each metric against the swept
+    value, with error bars, beside the baseline) for a sweep of one numeric field."""
     from mim import plot
     keys = list(dict.fromkeys(k for p in points for k in p))
-    rows, metric_cols = [], []
-    for name, overrides in zip(names, points):
+    rows, metric_cols, per_run = [], [], []
+    entries = list(zip(names, points)) + ([(BASELINE, {})] if baseline else [])
+    for name, overrides in entries:
         row = {"point": name, **{k: _fmt(overrides[k]) if k in overrides else "" for k in keys}}
-        d = os.path.join(workdir, name)
-        row["status"] = _status(d)
-        for stage, run_dir in [("", d)] + [(s + "/", os.path.join(d, s)) for s in stages]:
-            if stage:
-                row[stage + "status"] = _status(run_dir)
-            for k, v in final_metrics(run_dir).items():
-                row[stage + k] = v
+        runs = []
+        for k, d in enumerate(run_dirs(os.path.join(workdir, name), seeds)):
+            r = _run_row(d, stages)
+            if name == BASELINE:
+                r.pop("status")
+            runs.append(r)
+            per_run.append({"point": name, "seed": k, **r})
+        if seeds == 1:
+            row.update(runs[0])
+        else:
+            done = [r for r in runs if all(v == "done" for kk, v in r.items() if kk.endswith("status"))]
+            row["status"] = f"{len(done)}/{seeds} done"
+            for col in dict.fromkeys(kk for r in done for kk, v in r.items() if isinstance(v, float)):
+                vals = [r[col] for r in done if col in r]
+                row[col], row[col + "_std"] = mean_std(vals)
         metric_cols += [k for k in row if k not in metric_cols]
         rows.append(row)
     columns = list(dict.fromkeys(["point", *keys, *metric_cols]))
     os.makedirs(workdir, exist_ok=True)
+    _write(os.path.join(workdir, "results.csv"), _csv(columns, rows))
+    if seeds > 1:
+        _write(os.path.join(workdir, "runs.csv"),
+               _csv(list(dict.fromkeys(k for r in per_run for k in r)), per_run))
+    shown = [c for c in columns if not (seeds > 1 and c.endswith("_std") and c[:-4] in columns)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, ""), row.get(c + "_std") if seeds > 1 else None)
+                                       for c in shown) + " |")
+    _write(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
+    for stage in [""] + list(stages):
+        dirs = [(label, os.path.normpath(os.path.join(d, stage)))
+                for name, _ in entries for label, d in zip(
+                    [name] if seeds == 1 else [f"{name}/seed={k}" for k in range(seeds)],
+                    run_dirs(os.path.join(workdir, name), seeds))]
+        dirs = [(label, d) for label, d in dirs if os.path.exists(os.path.join(d, plot.METRICS_FILE))
+                and plot.panels([plot.read_metrics(d)])]
+        if dirs:
+            out = os.path.join(workdir, f"curves_{stage}.png" if stage else "curves.png")
+            plot.save(plot.figure([(label, plot.read_metrics(d)) for label, d in dirs],
+                                  title=stage or os.path.basename(os.path.normpath(workdir))), out)
+    if len(keys) == 1 and all(isinstance(p.get(keys[0]), (int, float)) for p in points):
+        base_row = rows[-1] if baseline else None
+        fig = plot.trend_figure(keys[0], [(p[keys[0]], r) for p, r in zip(points, rows)], base_row)
+        if fig is not None:
+            plot.save(fig, os.path.join(workdir, "trend.png"))
+    return rows
+
+
+def _csv(columns, rows) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, columns, restval="", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _write(os.path.join(workdir, "results.csv"), buf.getvalue())
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
-    _write(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
-    for stage in [""] + list(stages):
-        dirs = [os.path.normpath(os.path.join(workdir, n, stage)) for n in names]
-        dirs = [d for d in dirs if os.path.exists(os.path.join(d, plot.METRICS_FILE))
-                and plot.panels([plot.read_metrics(d)])]
-        if dirs:
-            out = os.path.join(workdir, f"curves_{stage}.png" if stage else "curves.png")
-            plot.save(plot.figure([(os.path.basename(os.path.dirname(d)) if stage else
-                                    os.path.basename(d), plot.read_metrics(d)) for d in dirs],
-                                  title=stage or os.path.basename(os.path.normpath(workdir))), out)
-    return rows
+    return buf.getvalue()
 
 
-def _cell(v) -> str:
+def _cell(v, std=None) -> str:
+    if isinstance(v, float) and std is not None:
+        return f"{v:.4g} ± {std:.2g}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -391,20 +494,23 @@ def main(argv):
     raw = config_flags.get_config_filename(FLAGS["config"])  # FILE[:variant]
     workdir = FLAGS.workdir
     if FLAGS.dry_run:
-        points = sweep_points(raw, FLAGS.sweep)
+        *_, runs = plan(FLAGS.config, raw, FLAGS.sweep, FLAGS.then, FLAGS.carry, FLAGS.seeds,
+                        FLAGS.baseline)
         index, count = shard_from_env(FLAGS.shard)
-        for i, (name, p) in enumerate(zip(point_names(points), points)):
+        for i, (_, rel, c, downstream, overrides) in enumerate(runs):
             mark = "*" if i % count == index else " "
-            print(f"{mark} {i:3d} {os.path.join(workdir, name)}  {p}")
+            stages = "".join(f" -> {stem}" for stem in downstream)
+            what = "random init" if c is None else "pretrain"
+            print(f"{mark} {i:3d} {os.path.join(workdir, rel)}  {what}{stages}  {overrides or ''}")
         return
     if FLAGS.table_only:
-        points = sweep_points(raw, FLAGS.sweep)
-        rows = write_table(workdir, point_names(points), points,
-                           [s for s, _ in then_stages(FLAGS.then)])
+        names, points, stages, _ = plan(FLAGS.config, raw, FLAGS.sweep, FLAGS.then, FLAGS.carry,
+                                        FLAGS.seeds, FLAGS.baseline)
+        rows = write_table(workdir, names, points, stages, FLAGS.seeds, FLAGS.baseline)
     else:
         try:
             rows = run(FLAGS.config, raw, FLAGS.sweep, workdir, FLAGS.then, FLAGS.carry,
-                       shard_from_env(FLAGS.shard))
+                       shard_from_env(FLAGS.shard), FLAGS.seeds, FLAGS.baseline, FLAGS.vectorize)
         except Stopped as e:
             # SIGTERM (preemption) reached a run: the same command resumes the sweep; the
             # exit status is mim.main's for a stopped run, which launchers requeue on.
@@ -418,7 +524,7 @@ def main(argv):
 
 def run_cli():
     _define_flags()
-    flags.mark_flags_as_required(["config", "sweep", "workdir"])
+    flags.mark_flags_as_required(["config", "workdir"])
     from mim import cli
     app.run(cli.guard("mim.sweep", main))
 

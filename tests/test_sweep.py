@@ -161,3 +161,73 @@ def test_a_stopped_run_stops_the_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train", lambda config, workdir: {"status": "stopped"})
     with pytest.raises(sweep.Stopped, match="start the sweep again"):
         sweep.run_stage(None, str(tmp_path / "p"), "point 1")
+
+
+def test_seeds_and_baseline_plan_and_tabulate(tmp_path, small_data, monkeypatch):
+    """--seeds=3 --baseline: each point at seeds 0, 1, 2 (its --then stages too), the
+    --then stages from the random initialisation at the same seeds, and a table of mean
+    and sample standard deviation over the seeds (checked with statistics), per-run rows
+    in runs.csv, and the trend picture."""
+    import statistics
+
+    pre = write_experiment(tmp_path / "pre.py", "mae_base", small_data, steps=4)
+    probe = write_experiment(tmp_path / "probe.py", "mae_base_linprobe", small_data, steps=2)
+    work = tmp_path / "sweep"
+    ran = []
+    acc = {("mask_ratio=0.5", 0): 30.0, ("mask_ratio=0.5", 1): 32.0, ("mask_ratio=0.5", 2): 37.0,
+           ("mask_ratio=0.75", 0): 40.0, ("mask_ratio=0.75", 1): 41.0, ("mask_ratio=0.75", 2): 45.0,
+           ("random_init", 0): 20.0, ("random_init", 1): 21.0, ("random_init", 2): 25.0}
+
+    def fake_stage(config, run_dir, label):
+        ran.append((os.path.relpath(run_dir, work), config.seed, config.init.checkpoint))
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        parts = os.path.relpath(run_dir, work).split(os.sep)
+        point, seed = parts[0], int(parts[1].split("=")[1])
+        value = acc[(point, seed)] + (0.5 if parts[-1] == "probe" else 0.0)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 1, "train/loss": 1.0 + seed}) + "\n")
+            f.write(json.dumps({"step": 4, "eval/acc1": value}) + "\n")
+        return True
+
+    monkeypatch.setattr(sweep, "run_stage", fake_stage)
+    monkeypatch.setattr(sweep, "final_checkpoint", lambda d: os.path.join(d, "checkpoints", "step_4"))
+    monkeypatch.setattr(sweep, "_status", lambda d: "done")
+    base = sweep.load_config(pre)
+    rows = sweep.run(base, pre, "mask_ratio", str(work), then=[probe], seeds=3, baseline=True)
+    pre_runs = [(d, s) for d, s, _ in ran if not d.endswith("probe")]
+    assert pre_runs == [(f"mask_ratio={r}/seed={k}", k) for r in ("0.5", "0.75") for k in range(3)]
+    probes = [(d, s, ck) for d, s, ck in ran if d.endswith("probe")]
+    assert [s for _, s, _ in probes] == [0, 1, 2] * 3
+    for d, _, ck in probes:
+        if d.startswith("random_init"):
+            assert ck == ""
+        else:
+            assert ck == os.path.abspath(os.path.join(work, os.path.dirname(d), "checkpoints", "step_4"))
+    by_point = {r["point"]: r for r in rows}
+    assert list(by_point) == ["mask_ratio=0.5", "mask_ratio=0.75", "random_init"]
+    for point in by_point:
+        vals = [acc[(point, k)] for k in range(3)]
+        row = by_point[point]
+        assert row["probe/eval_acc1"] == pytest.approx(statistics.mean(vals) + 0.5)
+        assert row["probe/eval_acc1_std"] == pytest.approx(statistics.stdev(vals))
+        if point != "random_init":
+            assert row["eval_acc1"] == pytest.approx(statistics.mean(vals))
+            assert row["train_loss"] == pytest.approx(2.0) and row["train_loss_std"] == pytest.approx(1.0)
+    with open(work / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 9 and float(runs[4]["probe/eval_acc1"]) == acc[("mask_ratio=0.75", 1)] + 0.5
+    md = (work / "results.md").read_text()
+    assert "33.5 ± 3.6" in md and "eval_acc1_std" not in md
+    assert (work / "trend.png").stat().st_size > 0
+
+
+def test_seeds_refusals(tmp_path, small_data):
+    pre = write_experiment(tmp_path / "pre.py", "mae_base", small_data, steps=4)
+    base = sweep.load_config(pre)
+    with pytest.raises(sweep.SweepError, match="at least 1"):
+        sweep.plan(base, pre, "mask_ratio", seeds=0)
+    with pytest.raises(sweep.SweepError, match="name at least one --then"):
+        sweep.plan(base, pre, None, baseline=True)
+    names, points, _, runs = sweep.plan(base, pre, None, seeds=2)
+    assert names == ["pretrained"] and points == [{}]
+    assert [r[1] for r in runs] == ["pretrained/seed=0", "pretrained/seed=1"]
