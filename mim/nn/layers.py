@@ -29,7 +29,10 @@ def drop_path(x, rate: float, train: bool):
     if not train or rate == 0.0:
         return x
     keep = 1.0 - rate
-    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+    # empty_like of a slice of x, not torch.empty: under vmap (mim.train.members) the mask
+    # then carries the member axis, and each member draws its own.
+    mask = torch.empty_like(x[(slice(None),) + (slice(0, 1),) * (x.ndim - 1)],
+                            memory_format=torch.contiguous_format)
     mask = mask.bernoulli_(keep)
     return x * mask / keep
 
