@@ -127,7 +127,7 @@ def _trend_metric(col: str) -> bool:
 def trend_figure(field: str, points: Sequence[Tuple[float, dict]], baseline: Optional[dict] = None):
     """A sweep's final metrics against its one numeric field: one panel per metric
     (``eval_*`` and ``train_loss``, per stage ``stage/metric``), the mean with error bars
-    of one standard deviation (the ``<metric>_std`` of :func:`mim.sweep.write_table`'s
+    of one standard deviation (the ``<metric>_std`` of :func:`mim.sweep_table.write_table`'s
     rows) and, where the baseline row has the metric, its mean as a dashed line with a
     band of one standard deviation. None when no point has a metric yet."""
     cols = list(dict.fromkeys(c for _, row in points for c, v in row.items()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from mim import sweep
+from mim import sweep, sweep_table
 from mim.checkpoints import io as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,7 +191,7 @@ def test_seeds_and_baseline_plan_and_tabulate(tmp_path, small_data, monkeypatch)
 
     monkeypatch.setattr(sweep, "run_stage", fake_stage)
     monkeypatch.setattr(sweep, "final_checkpoint", lambda d: os.path.join(d, "checkpoints", "step_4"))
-    monkeypatch.setattr(sweep, "_status", lambda d: "done")
+    monkeypatch.setattr(sweep_table, "_status", lambda d: "done")
     base = sweep.load_config(pre)
     rows = sweep.run(base, pre, "mask_ratio", str(work), then=[probe], seeds=3, baseline=True)
     pre_runs = [(d, s) for d, s, _ in ran if not d.endswith("probe")]

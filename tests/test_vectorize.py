@@ -72,8 +72,33 @@ def test_members_equal_separate_steps(name, scalars):
     encoder, queues and BatchNorm statistics) and every metric equal each separate run's."""
     configs = [member_config(name, seed, lr, **(scalars[k] if scalars else {}))
                for k, (seed, lr) in enumerate(zip((0, 1, 2), LRS))]
+    _equal_separate_steps(configs, {"seed", "optim." + ("lr" if configs[0].optim.lr > 0 else "base_lr")})
+
+
+@pytest.mark.parametrize("name,field,values,extra", [
+    ("vit_b32", "data.label_smoothing", (0.0, 0.1, 0.3), {}),
+    ("vit_b32", "ema.decay", (0.9, 0.5, 0.99), {}),
+    ("vit_b32", "ema.decay", (0.3, 0.5, 0.9), {"ema.warmup": True}),
+    # SGD at a large lr, no warm-up: the online encoder moves away from the momentum
+    # encoder within five steps, so each member's momentum shows (AdamW's normalised steps
+    # would turn the members' fp32 rounding differences into lr-sized ones)
+    ("moby_swin_tiny", "model.contrast_momentum", (0.99, 0.6, 0.2),
+     {"optim.name": "sgd", "optim.warmup_steps": 0, "lr": 1.0}),
+], ids=["label_smoothing", "ema_decay", "ema_decay_warmup", "moby_momentum"])
+def test_members_differing_in_a_step_scalar_equal_separate_steps(name, field, values, extra):
+    """Three members whose label smoothing (the loss), EMA decay (the average, with and
+    without timm's warm-up) or MoBY momentum (the momentum encoder's schedule) differ:
+    after five vmapped steps, every state tensor and metric equals each separate run's."""
+    extra = dict(extra)
+    lr = extra.pop("lr", LRS[0])
+    configs = [member_config(name, seed, lr, **{field: v, **extra})
+               for seed, v in zip((0, 1, 2), values)]
+    _equal_separate_steps(configs, {"seed", field})
+
+
+def _equal_separate_steps(configs, fields):
     mem = members_lib.build(configs, ["unused"] * 3, STEPS, STEPS)
-    assert {"seed", "optim." + ("lr" if configs[0].optim.lr > 0 else "base_lr")} <= set(mem.differing)
+    assert fields <= set(mem.differing)
     task = mem.setups[0].task
     batches = [[bench.synthetic_batch(c, task, BATCH, "cpu", seed=100 * k + i) for i in range(STEPS)]
                for k, c in enumerate(configs)]
@@ -170,6 +195,9 @@ def test_shape_changing_and_non_scalar_fields_are_refused():
         members_lib.check(bf16)
     with pytest.raises(members_lib.MemberError, match="WORLD_SIZE=2"):
         members_lib.check(base, world_size=2)
+    ema = [member_config("vit_b32", s, 1e-3, **{"ema.decay": d}) for s, d in ((0, 0.0), (1, 0.9))]
+    with pytest.raises(members_lib.MemberError, match=r"ema\.decay .*ema\.decay > 0"):
+        members_lib.check(ema)
     assert members_lib.check(base) == ["seed"]
 
 

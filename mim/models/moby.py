@@ -214,7 +214,8 @@ def momentum(k, total_steps: int, m0: float):
     """``1 - (1 - m0) (cos(pi k / K) + 1) / 2`` (paper Sec. 3.1; ``_momentum_update_key_encoder``):
     ``m0`` at step 0, rising to 1 at ``K``. ``k`` may be an int or a 0-d tensor (the
     train step's counter); the tensor form is float64, as the reference's numpy scalar,
-    so the update below rounds exactly as the reference's."""
+    so the update below rounds exactly as the reference's. ``m0`` may be a 0-d float64
+    tensor (each member's own in a vectorized run): the same arithmetic."""
     if isinstance(k, torch.Tensor):
         cos = torch.cos(math.pi * k.to(torch.float64) / total_steps)
     else:

@@ -19,12 +19,25 @@ def init(config, gen: torch.Generator):
     return model(config).init(gen, config.model), {}
 
 
-def cross_entropy(logits, batch, label_smoothing: float):
+def cross_entropy(logits, batch, label_smoothing):
     """Soft targets (mixup/cutmix, already smoothed) or hard labels with smoothing
     (Szegedy et al. 2016)."""
     if "soft_label" in batch:
         return torch.sum(-batch["soft_label"] * F.log_softmax(logits.float(), -1), -1).mean()
-    return F.cross_entropy(logits.float(), batch["label"], label_smoothing=label_smoothing)
+    return smoothed_cross_entropy(logits.float(), batch["label"], label_smoothing)
+
+
+def smoothed_cross_entropy(logits, labels, label_smoothing, reduction: str = "mean"):
+    """``F.cross_entropy(logits, labels, label_smoothing=eps)``. ``eps`` may be a 0-d
+    tensor (each member's own in a vectorized run, :mod:`mim.train.members`), which
+    ``F.cross_entropy`` does not take: then its formula, ``(1 - eps) * nll + eps * mean
+    over classes of -log p`` (Szegedy et al. 2016, Sec. 7; torch's definition)."""
+    if not isinstance(label_smoothing, torch.Tensor):
+        return F.cross_entropy(logits, labels, reduction=reduction, label_smoothing=label_smoothing)
+    logp = F.log_softmax(logits, -1)
+    nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
+    per = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    return per.sum() if reduction == "sum" else per.mean()
 
 
 def loss(params, model_state, batch, config, train: bool, frozen=None):

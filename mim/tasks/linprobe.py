@@ -215,7 +215,7 @@ def loss(params, model_state, batch, config, train: bool, frozen=None):
         return value, (model_state, metrics)
     # The sum over the per-block classifiers (run_linear_eval.py); one term otherwise.
     # data.label_smoothing: MoBY's moby_linear.py smooths by 0.1; MAE and BEiT do not.
-    value = sum(F.cross_entropy(z.float(), batch["label"], label_smoothing=config.data.label_smoothing)
+    value = sum(classify.smoothed_cross_entropy(z.float(), batch["label"], config.data.label_smoothing)
                 for z in logits)
     metrics = {"accuracy": (logits[-1].argmax(-1) == batch["label"]).float().mean()}
     return value, (model_state, metrics)

@@ -31,9 +31,9 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from mim.config import ConfigError
+from mim.tasks import classify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +124,8 @@ def logits(grid: dict, feats: List[torch.Tensor], hs: List[Head]) -> torch.Tenso
 def loss(z: torch.Tensor, label: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """The sum over heads of each head's mean cross-entropy."""
     h, b, c = z.shape
-    return F.cross_entropy(z.float().reshape(h * b, c), label.repeat(h), reduction="sum",
-                           label_smoothing=label_smoothing) / b
+    return classify.smoothed_cross_entropy(z.float().reshape(h * b, c), label.repeat(h),
+                                           label_smoothing, reduction="sum") / b
 
 
 # ---------------------------------------------------------------------------

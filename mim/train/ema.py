@@ -28,18 +28,25 @@ def init(params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {n: p.detach().to(torch.float32).clone() for n, p in params.items()}
 
 
-def decay_at(step: torch.Tensor, decay: float, warmup: bool) -> torch.Tensor:
-    """The decay of the update made after optimizer step ``step`` (steps done, counting it)."""
+def decay_at(step: torch.Tensor, decay, warmup: bool) -> torch.Tensor:
+    """The decay of the update made after optimizer step ``step`` (steps done, counting it).
+    ``decay``: a float, or a 0-d fp32 tensor (each member's own in a vectorized run)."""
     if not warmup:
+        if isinstance(decay, torch.Tensor):
+            return decay.to(torch.float32)
         return torch.full((), decay, dtype=torch.float32, device=step.device)
     t = torch.clamp(step.to(torch.float32) - 1.0, min=0.0)
-    warm = torch.clamp(1.0 - (1.0 + t) ** -WARMUP_POWER, min=0.0, max=decay)
+    if isinstance(decay, torch.Tensor):  # min(max(x, 0), decay) = clamp(x, 0, decay): decay >= 0
+        warm = torch.minimum(torch.clamp(1.0 - (1.0 + t) ** -WARMUP_POWER, min=0.0),
+                             decay.to(torch.float32))
+    else:
+        warm = torch.clamp(1.0 - (1.0 + t) ** -WARMUP_POWER, min=0.0, max=decay)
     return torch.where(t <= 0, torch.zeros_like(t), warm)
 
 
 @torch.no_grad()
 def update_(ema: Dict[str, torch.Tensor], params: Dict[str, torch.Tensor], step: torch.Tensor,
-            decay: float, warmup: bool) -> None:
+            decay, warmup: bool) -> None:
     """``ema = lerp(ema, params, 1 - decay)`` in place, for every averaged name."""
     names = list(ema)
     weight = 1.0 - decay_at(step, decay, warmup)

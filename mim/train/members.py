@@ -6,10 +6,13 @@ The train step is the one :func:`mim.train.step.build` makes, transformed by
 the batch (each member reads its own data stream: its own order, augmentations and masks,
 from its own seed). Nothing else is a second copy of the step: the loss, the optimizer, the
 clipping, the state hooks (MoBY's momentum encoder and queues) and the EMA are member 0's
-and are equal for every member, because the fields they read are equal (:func:`check`).
-Where the members' values differ, the step reads them through :class:`MemberSchedule`:
+and are equal for every member, because the fields they read as constants are equal
+(:func:`check`). Where the members' values differ, the step reads them through
+:class:`MemberSchedule`:
 each member's own lr (and weight-decay) schedule, per parameter group, selected by the
-member's index inside the vmapped step.
+member's index inside the vmapped step; the scalars a separate run reads as Python floats
+(label smoothing in the loss, MoBY's momentum in its state hook, the EMA decay) reach the
+loss and the hooks the same way, as 0-d tensors (:func:`config_view`, :data:`PER_MEMBER`).
 
 What vmap cannot batch here (torch 2.14):
 
@@ -48,6 +51,7 @@ import torch
 
 from mim import schedules, tree
 from mim.cli import UsageMistake
+from mim.models.derived import Derived
 from mim.train import step as step_lib
 from mim.train.setup import Built, Setup, schedule_for
 
@@ -58,7 +62,14 @@ VECTORIZABLE = {
     "optim.warmup_init_lr": "lr schedule", "optim.warmup_epochs": "lr schedule",
     "optim.warmup_steps": "lr schedule", "optim.layer_decay": "groups' lr scales",
     "optim.weight_decay": "groups' weight decay", "optim.weight_decay_end": "weight-decay schedule",
+    "data.label_smoothing": "the loss (and mixup's targets)", "ema.decay": "the EMA (> 0 for all)",
+    "model.contrast_momentum": "MoBY's momentum schedule",
 }
+
+# Scalars a separate run reads as Python floats, and the dtype each member's value enters
+# the step in (MoBY's momentum schedule is float64: mim.models.moby.momentum).
+PER_MEMBER = {"data.label_smoothing": torch.float32, "ema.decay": torch.float32,
+              "model.contrast_momentum": torch.float64}
 
 # The foreach ops mim's step, optimizers, EMA and models call (tests/test_vectorize.py
 # checks that no other one is used).
@@ -107,6 +118,10 @@ def check(configs: Sequence, world_size: int = 1) -> List[str]:
             raise MemberError(f"--vectorize: config.{field}={c[field]!r}: a vectorized run supports "
                               f"{why}")
     diff = differing(configs)
+    if "ema.decay" in diff and min(m.ema.decay for m in configs) <= 0:
+        raise MemberError(f"--vectorize: the points differ in ema.decay "
+                          f"({', '.join(sorted({repr(m.ema.decay) for m in configs}))}): members may "
+                          f"differ in it only where every member averages (ema.decay > 0)")
     for key in diff:
         if key not in VECTORIZABLE:
             values = sorted({repr(_flat(m).get(key)) for m in configs})
@@ -150,13 +165,35 @@ def member(state: dict, k: int, copy: bool = False) -> dict:
 _INDEX: contextvars.ContextVar = contextvars.ContextVar("mim_member_index", default=None)
 
 
-def select(values: Sequence) -> torch.Tensor:
+def select(values: Sequence, dtype=torch.float32) -> torch.Tensor:
     """Inside the vmapped step: this member's entry of one value per member."""
     index = _INDEX.get()
     if index is None:
         raise RuntimeError("mim.train.members.select outside a vectorized step")
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])
+    stacked = torch.stack([torch.as_tensor(v, dtype=dtype, device=index.device) for v in values])
     return stacked.index_select(0, index.view(1)).squeeze(0)
+
+
+def _override(config, parts: Sequence[str], value):
+    head, *rest = parts
+    return Derived(config, {head: _override(config[head], rest, value) if rest else value})
+
+
+def config_view(configs: Sequence, fields: Sequence[str]):
+    """``config_of()`` for :meth:`Setup.loss_fn` / :meth:`Setup.state_hooks`: inside the
+    vmapped step, member 0's config (read-only, :class:`mim.models.derived.Derived`) with
+    each of ``fields`` this member's own value, a 0-d tensor (dtype :data:`PER_MEMBER`).
+    None when ``fields`` is empty: the config itself is read."""
+    if not fields:
+        return None
+    values = {key: [_flat(c)[key] for c in configs] for key in fields}
+
+    def config_of():
+        view = configs[0]
+        for key, vs in values.items():
+            view = _override(view, key.split("."), select(vs, PER_MEMBER[key]))
+        return view
+    return config_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,10 +387,16 @@ def build(configs: Sequence, workdirs: Sequence[str], total_steps: int, steps_pe
     s0, c = setups[0], configs[0]
     schedule = member_schedule([schedule_for(m, total_steps, steps_per_epoch) for m in configs],
                                [b.groups for b in builts])
-    fns = step_lib.build(s0.loss_fn(), builts[0].opt, builts[0].groups, schedule, be,
+    ema_decay = c.ema.decay if "ema.decay" not in diff else (
+        lambda: select([m.ema.decay for m in configs], PER_MEMBER["ema.decay"]))
+    # the loss reads the label smoothing; MoBY's state hook reads its momentum
+    loss_of = config_view(configs, [k for k in diff if k == "data.label_smoothing"])
+    hooks_of = config_view(configs, [k for k in diff if k == "model.contrast_momentum"])
+    fns = step_lib.build(s0.loss_fn(loss_of), builts[0].opt, builts[0].groups, schedule, be,
                          grad_accum=c.grad_accum, clip_grad=c.optim.clip_grad or None,
                          clip_mode=c.optim.clip_mode, input_keys=s0.input_keys(),
-                         ema_decay=c.ema.decay, ema_warmup=c.ema.warmup, **s0.state_hooks(total_steps))
+                         ema_decay=ema_decay, ema_warmup=c.ema.warmup,
+                         **s0.state_hooks(total_steps, hooks_of))
     return Members(setups, builts, state, vectorize(fns.train_step, len(configs), be.device), diff)
 
 

@@ -126,18 +126,25 @@ class Setup:
     def input_keys(self, train: bool = True):
         return tuple(tasks.image_keys(self.task, self.config, train))
 
-    def loss_fn(self):
+    def loss_fn(self, config_of=None):
+        """The task's loss, bound to the run. ``config_of()``, if given, is the config the
+        loss reads at each call (a vectorized run's view of each member's own scalars,
+        :mod:`mim.train.members`)."""
         c, task, frozen = self.config, self.task, self.frozen
-        return lambda p, s, b, t: task.loss(p, s, b, c, t, frozen)
+        if config_of is None:
+            return lambda p, s, b, t: task.loss(p, s, b, c, t, frozen)
+        return lambda p, s, b, t: task.loss(p, s, b, config_of(), t, frozen)
 
-    def state_hooks(self, total_steps: int) -> dict:
-        """The task's once-per-optimizer-step state updates, bound to the run."""
+    def state_hooks(self, total_steps: int, config_of=None) -> dict:
+        """The task's once-per-optimizer-step state updates, bound to the run
+        (``config_of``: as for :meth:`loss_fn`)."""
         c, task = self.config, self.task
+        config_of = config_of or (lambda: c)
         out = {}
         for when in ("before", "after"):
             fn = getattr(task, f"update_state_{when}_step", None)
             if fn is not None:
-                out[f"{when}_step"] = (lambda f: lambda p, s, k: f(p, s, k, total_steps, c))(fn)
+                out[f"{when}_step"] = (lambda f: lambda p, s, k: f(p, s, k, total_steps, config_of()))(fn)
         return out
 
     def init_params(self):

@@ -8,7 +8,7 @@ the step, except to skip an fp16 step whose gradients overflowed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -121,7 +121,8 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
           backend: Backend, *, grad_accum: int = 1, clip_grad: Optional[float] = None,
           clip_mode: str = "step", sharding=None, cuda_graphs: bool = False, input_keys=("image",),
           before_step: Optional[Callable] = None, after_step: Optional[Callable] = None,
-          ema_decay: float = 0.0, ema_warmup: bool = False) -> StepFns:
+          ema_decay: Union[float, Callable[[], torch.Tensor]] = 0.0,
+          ema_warmup: bool = False) -> StepFns:
     """``loss_fn(params, model_state, batch, train) -> (loss, (model_state, metrics))``.
 
     On several ranks the gradients are averaged between ``grad_step`` and
@@ -140,7 +141,8 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
 
     ``ema_decay`` > 0: ``state["ema"]`` (:func:`create_state` with ``ema=True``) moves
     toward the trainable weights after every optimizer step, taken or skipped
-    (:mod:`mim.train.ema`).
+    (:mod:`mim.train.ema`). A callable gives the decay as a 0-d tensor inside the step
+    (each member's own: :mod:`mim.train.members`).
 
     ``input_keys``: the batch's image entries, cast for the precision policy
     (:meth:`Backend.cast_inputs`). ``before_step`` / ``after_step``
@@ -158,6 +160,7 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
     trainable = [n for g in groups for n in g.names]
     trainable_set = set(trainable)
     input_keys = frozenset(input_keys)
+    ema_on = callable(ema_decay) or ema_decay > 0
 
     def full_params(state):
         """The whole parameter tree for a state update: the fp32 masters under O2, the
@@ -308,9 +311,10 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
     def after(state):
         if after_step is not None:
             run_state_hook(after_step, state)
-        if ema_decay > 0:
+        if ema_on:
             flat = tree.flatten(full_params(state))
-            ema_lib.update_(state["ema"], flat, state["step"], ema_decay, ema_warmup)
+            decay = ema_decay() if callable(ema_decay) else ema_decay
+            ema_lib.update_(state["ema"], flat, state["step"], decay, ema_warmup)
 
     def train_step(state, batch):
         before(state)
@@ -334,7 +338,7 @@ def build(loss_fn: Callable, opt, groups: List[optim.Group], schedule: schedules
     # Under FSDP the hooks gather the parameters (collectives): they stay eager there.
     hooks_compile = backend.compile and sharding is None
     compiled_before = torch.compile(before) if hooks_compile and before_step is not None else before
-    compiled_after = (torch.compile(after) if hooks_compile and (after_step is not None or ema_decay > 0)
+    compiled_after = (torch.compile(after) if hooks_compile and (after_step is not None or ema_on)
                       else after)
 
     def host_step(state, batch):
