@@ -30,8 +30,8 @@ Evaluate the released linear checkpoint (a SwinTransformer with its head):
 
 Variants:
     :tiny   the tiny encoder of moby_swin_tiny.py:tiny on the bundled subset, 300 steps of
-            batch 256; start it from a tiny pretraining run with
-            --config.init.checkpoint=<that workdir>.
+            batch 256, and the k-NN accuracy of the frozen encoder at the end; start it from
+            a tiny pretraining run with --config.init.checkpoint=<that workdir>.
     :perf   50 steps that print throughput (images/s per device).
 """
 from mim import config as config_lib
@@ -80,6 +80,7 @@ def get_config(arg=None):
         shared.tiny_schedule(c, batch_size=256, steps=300, warmup_steps=15, base_lr=0.5,
                              warmup_init_lr=0.0, min_lr=0.0)
         c.data.crop_scale = (0.35, 1.0)
+        c.knn_every = c.steps        # k-NN of the frozen encoder's features too, at the end
     if v.perf:
         shared.perf(c)
     return shared.finish(c, v)

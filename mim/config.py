@@ -68,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
     d.crop_ratio = (3 / 4, 4 / 3)
     d.hflip = 0.5
     d.color_jitter = 0.0
+    d.blur_sigma = (0.1, 2.0)     # two-view SSL (MoBY) Gaussian blur's sigma range, px (BYOL's, at 224 px)
     d.auto_augment = ""           # e.g. "rand-m9-mstd0.5-inc1" (RandAugment, timm syntax)
     d.interpolation = "bicubic"
     d.re_prob = 0.0               # random erasing (Zhong et al. 2020)

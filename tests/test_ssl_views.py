@@ -45,10 +45,10 @@ def reference(size):
     return t1, t2
 
 
-def cfg(size=64, device_normalize=False):
+def cfg(size=64, device_normalize=False, blur_sigma=(0.1, 2.0)):
     return ml_collections.ConfigDict(dict(data=dict(
         image_size=size, crop_scale=(0.08, 1.0), mean=MEAN, std=STD,
-        device_normalize=device_normalize)))
+        device_normalize=device_normalize, blur_sigma=blur_sigma)))
 
 
 def seed_all(s):
@@ -135,3 +135,26 @@ def test_bad_crop_scale_is_named():
     c.data.crop_scale = (0.0, 1.0)
     with pytest.raises(ValueError, match="config.data.crop_scale"):
         ssl_views.views(c)
+
+
+def test_blur_sigma_sets_the_blur_range():
+    """data.blur_sigma: view 1 (always blurred) equals PIL's blur at the sigma drawn from
+    numpy in that range; (0, 0) leaves the crop unblurred; a bad range is named."""
+    c = cfg(size=32, blur_sigma=(0.3, 0.5))
+    v = ssl_views.views(c)["image"]
+    img = pictures(1)[0]
+    seed_all(5)
+    got = v(img)
+    # the same draws with the blur radius re-stated: sigma ~ U(0.3, 0.5) from numpy
+    ops = ssl_views.byol_ops(0, 32, (0.08, 1.0), (0.0, 0.0))
+    seed_all(5)
+    crop = ops.transforms[:4]
+    out = img
+    for t in crop:
+        out = t(out)
+    torch.rand(1)  # RandomApply's draw (p = 1.0) before the blur; the sigma is numpy's
+    sigma = np.random.uniform(0.3, 0.5)
+    want = transforms.Normalize(MEAN, STD)(transforms.ToTensor()(out.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="config.data.blur_sigma"):
+        ssl_views.views(cfg(blur_sigma=(2.0, 1.0)))

@@ -56,7 +56,8 @@ def solarize(img):
     return ImageOps.solarize(img)
 
 
-def byol_ops(view: int, image_size: int, crop_scale: Tuple[float, float]) -> T.Compose:
+def byol_ops(view: int, image_size: int, crop_scale: Tuple[float, float],
+             blur_sigma: Tuple[float, float] = BLUR_SIGMA) -> T.Compose:
     """The PIL operations of view ``view`` (0 or 1), in the reference's order. View 1 has
     no solarisation step at all (the reference lists none), so it draws nothing for it."""
     ops = [
@@ -64,7 +65,7 @@ def byol_ops(view: int, image_size: int, crop_scale: Tuple[float, float]) -> T.C
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(*JITTER)], p=JITTER_P),
         T.RandomGrayscale(p=GRAYSCALE_P),
-        T.RandomApply([GaussianBlur()], p=BLUR_P[view]),
+        T.RandomApply([GaussianBlur(blur_sigma)], p=BLUR_P[view]),
     ]
     if SOLARIZE_P[view] > 0:
         ops.append(T.RandomApply([solarize], p=SOLARIZE_P[view]))
@@ -83,12 +84,16 @@ class View:
 
 def views(config) -> Dict[str, View]:
     """``{"image": view 1, "image2": view 2}`` for ``config.data`` (``image_size``,
-    ``crop_scale`` = (SSL_AUG_CROP, 1), ``mean``, ``std``, ``device_normalize``)."""
+    ``crop_scale`` = (SSL_AUG_CROP, 1), ``blur_sigma`` (BYOL's (0.1, 2.0) px, set for
+    224-px views), ``mean``, ``std``, ``device_normalize``)."""
     d = config.data
     scale = tuple(d.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"config.data.crop_scale: {scale} must be (min, max) with 0 < min <= max <= 1")
-    return {key: View(byol_ops(i, d.image_size, scale), d.mean, d.std, bool(d.device_normalize))
+    sigma = tuple(d.blur_sigma)
+    if len(sigma) != 2 or not 0 <= sigma[0] <= sigma[1]:
+        raise ValueError(f"config.data.blur_sigma: {sigma} must be (min, max) with 0 <= min <= max")
+    return {key: View(byol_ops(i, d.image_size, scale, sigma), d.mean, d.std, bool(d.device_normalize))
             for i, key in enumerate(KEYS)}
 
 
