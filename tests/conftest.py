@@ -54,6 +54,15 @@ def experiment(name, arg="tiny", **overrides):
     return c
 
 
+def no_drop_path(c):
+    """Every ``drop_path_rate`` of a config set to 0 (steps whose randomness differs)."""
+    for key, value in c.items():
+        if key == "drop_path_rate":
+            c[key] = 0.0
+        elif hasattr(value, "items"):
+            no_drop_path(value)
+
+
 def few_steps(name, data, **overrides):
     """A :tiny variant cut to 3 steps of 32 images, for tests of the plumbing."""
     return experiment(name, "tiny", **{

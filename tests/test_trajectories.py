@@ -28,6 +28,7 @@ import torch
 from timm.scheduler.cosine_lr import CosineLRScheduler
 from timm.scheduler.multistep_lr import MultiStepLRScheduler
 
+from conftest import no_drop_path
 from mim import bench, config as config_lib, tree
 from mim.train import step as step_lib
 from mim.train.setup import Setup, schedule_for
@@ -38,7 +39,7 @@ EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
 def _config(experiment, **optim):
     c = config_lib.import_sibling(os.path.join(EXPERIMENTS, experiment), experiment).get_config("tiny")
-    _no_drop_path(c)
+    no_drop_path(c)
     c.precision, c.compile, c.grad_accum, c.batch_size = "fp32", "off", ACCUM, BATCH
     c.optim.warmup_epochs, c.optim.warmup_steps = 0.0, 2
     c.optim.clip_grad = 0.02            # small enough that every step clips
@@ -54,14 +55,6 @@ def _config(experiment, **optim):
         c.grad_accum = 1
         c.model.contrast_num_negative = 4 * BATCH
     return c
-
-
-def _no_drop_path(c):
-    for key, value in c.items():
-        if key == "drop_path_rate":
-            c[key] = 0.0
-        elif hasattr(value, "items"):
-            _no_drop_path(value)
 
 
 # --------------------------------------------------------------------------- the reference loop

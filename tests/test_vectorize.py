@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, experiment
+from conftest import ROOT, experiment, no_drop_path
 from mim import bench, optim, tree
 from mim.checkpoints import io as ckpt
 from mim.train import ema as ema_lib
@@ -29,21 +29,13 @@ STEPS, BATCH = 5, 8
 LRS = (1e-3, 2e-3, 5e-4)
 
 
-def _no_drop_path(c):
-    for key, value in c.items():
-        if key == "drop_path_rate":
-            c[key] = 0.0
-        elif hasattr(value, "items"):
-            _no_drop_path(value)
-
-
 def member_config(name, seed, lr, data=None, drop_path=False, **overrides):
     run = {} if data is None else {"data.path": data, "data.num_workers": 0, "eval_batch_size": 20,
                                    "log_every": 1, "eval_every": STEPS, "checkpoint_every": STEPS}
     c = experiment(name, "tiny", **{"seed": seed, "steps": STEPS, "batch_size": BATCH, **run,
                                     **overrides})
     if not drop_path:
-        _no_drop_path(c)
+        no_drop_path(c)
     c.optim["lr" if c.optim.lr > 0 else "base_lr"] = lr
     if c.task == "moby_pretrain":
         c.model.contrast_num_negative = 4 * BATCH
