@@ -82,7 +82,7 @@ def test_block_probe_features_are_class_token_and_patch_mean_of_each_block(small
                                    **enc}, strict=False)
     assert not missing.unexpected_keys
     x = torch.randn(3, 3, 32, 32)
-    got = linprobe.features(params, x, c)
+    got = linprobe.probe_inputs(params, x, c)
     with torch.no_grad():
         t = ref.patch_embed(x)
         t = torch.cat([ref.cls_token.expand(3, -1, -1), t], 1)
@@ -106,3 +106,18 @@ def test_knn_during_a_run_and_on_a_checkpoint(small_data, tmp_path, one_thread):
     c.mode = "knn"
     result = loop.knn_only(c, str(tmp_path))
     assert result["acc1"] == knn_rows[-1]["knn/acc1"]
+
+
+def test_knn_of_a_linear_probe_reads_its_frozen_encoder(small_data, tmp_path, one_thread):
+    """A probe's k-NN (knn_every, as moby_swin_tiny_linear.py:tiny reports it) is the k-NN
+    of the encoder it starts from: the same as mode=knn on the pretraining run."""
+    from conftest import few_steps
+    pre = tmp_path / "pre"
+    c = few_steps("moby_swin_tiny", small_data, knn_every=0, **{"data.num_workers": 0})
+    loop.train(c, str(pre))
+    c.mode = "knn"
+    want = loop.knn_only(c, str(pre))
+    lin = few_steps("moby_swin_tiny_linear", small_data, knn_every=3,
+                    **{"data.num_workers": 0, "init.checkpoint": str(pre)})
+    out = loop.train(lin, str(tmp_path / "lin"))
+    assert out["eval_knn_acc1"] == want["acc1"] and out["eval_knn_count"] == 20

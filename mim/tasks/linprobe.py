@@ -169,7 +169,15 @@ def batch_norm(stats: dict, x: torch.Tensor, train: bool):
     return (x - mean) / torch.sqrt(var + BN_EPS), new
 
 
-def features(params, images, config, train: bool = False):
+def features(params, model_state, images, config, blocks: bool = False) -> dict:
+    """The frozen encoder's features in inference mode (:func:`mim.tasks.features`: the
+    k-NN evaluator's, ``knn_every``)."""
+    module, cfg = encoder(config)
+    enc = {k: v for k, v in params.items() if k not in ("head", "linear", "grid")}
+    return module.features(enc, images, cfg, blocks=blocks)
+
+
+def probe_inputs(params, images, config, train: bool = False):
     """What the classifier(s) read: a list of ``(B, D)`` features, one per classifier.
     No gradient flows into the frozen encoder, so its forward is not recorded for
     backward (saves the activations' memory)."""
@@ -187,7 +195,7 @@ def features(params, images, config, train: bool = False):
 def logits_and_state(params, model_state, images, config, train: bool):
     """A list of logits, one per classifier (a grid: one ``(H, B, C)`` tensor of every
     head's), and the new model state."""
-    feats = features(params, images, config, train)
+    feats = probe_inputs(params, images, config, train)
     hs = grid_heads(config)
     if hs is not None:
         if config.probe.batch_norm:  # one parameter-free BatchNorm, shared: the heads read the same input
