@@ -87,7 +87,9 @@ def write_table(workdir: str, names: Sequence[str], points: Sequence[dict],
     if seeds > 1:
         _write(os.path.join(workdir, "runs.csv"),
                _csv(list(dict.fromkeys(k for r in per_run for k in r)), per_run))
-    shown = [c for c in columns if not (seeds > 1 and c.endswith("_std") and c[:-4] in columns)]
+    # results.md: the std beside its mean; unreadable-image counts only where some were skipped
+    shown = [c for c in columns if not (seeds > 1 and c.endswith("_std") and c[:-4] in columns)
+             and not (c.endswith("skipped_images") and not any(r.get(c) for r in rows))]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c, ""), row.get(c + "_std") if seeds > 1 else None)
