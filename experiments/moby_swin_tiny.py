@@ -89,3 +89,13 @@ def get_config(arg=None):
         shared.perf(c)
         c.knn_every = 0
     return shared.finish(c, v)
+
+
+def get_sweeps(arg=None):
+    """``queue``: keys per queue (the reference's 4096, and x1/2, x2; ``:tiny``: around
+    its 1,024, the last above the 4,000 images, so each image meets its own older key);
+    ``momentum``: the momentum encoder's starting momentum (the reference's 0.99)."""
+    v = shared.parse_arg(arg, "moby_swin_tiny.py", epochs=300)
+    queues = (256, 1024, 4096) if v.tiny else (2048, 4096, 8192)
+    return {"queue": [{"model.contrast_num_negative": q} for q in queues],
+            "momentum": [{"model.contrast_momentum": m} for m in (0.9, 0.99, 0.999)]}

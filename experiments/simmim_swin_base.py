@@ -36,3 +36,11 @@ common = import_sibling(__file__, "_simmim_common.py")  # shared recipe and tiny
 
 def get_config(arg=None):
     return common.pretrain("swin", arg, name="simmim_swin_base.py")
+
+
+def get_sweeps(arg=None):
+    """``mask_patch_size``: the paper's masked-patch-size ablation (Sec. 4.1.1, ratio 0.6);
+    ``:tiny``: the sizes a 32-px image with 4-px model patches allows."""
+    v = common.shared.parse_arg(arg, "simmim_swin_base.py", epochs=100)
+    sizes = (4, 8, 16) if v.tiny else (4, 8, 16, 32, 64)
+    return {"mask_patch_size": [{"model.mask_patch_size": p} for p in sizes]}

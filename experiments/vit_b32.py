@@ -77,3 +77,10 @@ def get_config(arg=None):
     if v.perf:
         shared.perf(c, steps=100)
     return shared.finish(c, v)
+
+
+def get_sweeps(arg=None):
+    """``lr``: the recipe's learning rate x 1/3, 1, 3 (a scalar sweep ``--vectorize`` can
+    train as one run)."""
+    lr = get_config(arg).optim.lr
+    return {"lr": [{"optim.lr": lr * f} for f in (1 / 3, 1.0, 3.0)]}

@@ -93,3 +93,24 @@ def test_tiny_description_matches_the_config(path):
                 assert mine.get(k) == theirs[k], f"{k}: {mine.get(k)} vs {ref.group(1)}'s {theirs[k]}"
         checked += 1
     assert checked or "shared tiny" in text, f"nothing checkable in {text!r}"
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if "def get_sweeps" in open(p).read()],
+                         ids=os.path.basename)
+def test_declared_sweeps_give_valid_configs(path):
+    """Every point of every declared sweep, on the :tiny config and on the full one, names
+    fields the config has and passes the task's checks (a sweep never fails at its start)."""
+    from mim import sweep, tasks
+    for arg in ("tiny", None):
+        spec = path + (f":{arg}" if arg else "")
+        base = sweep.load_config(spec)
+        sweeps = sweep.load_module(path).get_sweeps(arg)
+        assert sweeps
+        for name in sweeps:
+            for point in sweep.sweep_points(spec, name):
+                c = sweep.apply_overrides(base, point, f"{name} {point}")
+                c.data.path = c.data.path or "/data/imagenet"    # the full recipes name none
+                config_lib.validate(c)
+                task = tasks.get(c.task)
+                if hasattr(task, "check"):
+                    task.check(c)
