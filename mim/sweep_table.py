@@ -12,7 +12,8 @@ from typing import Dict, List, Sequence, Tuple
 
 
 def final_metrics(run_dir: str) -> Dict[str, float]:
-    """The last logged training loss and evaluation metrics of a run."""
+    """The last logged training loss and evaluation metrics of a run (the k-NN evaluator's
+    as ``eval_knn_*``, as the run's summary names them)."""
     from mim import plot
     if not os.path.exists(os.path.join(run_dir, plot.METRICS_FILE)):
         return {}
@@ -23,6 +24,8 @@ def final_metrics(run_dir: str) -> Dict[str, float]:
     for k, v in series.items():
         if k.startswith("eval/") and k != "eval/count":
             out["eval_" + k[5:]] = v[-1][1]
+        elif k.startswith("knn/") and k not in ("knn/count", "knn/train_images"):
+            out["eval_knn_" + k[4:]] = v[-1][1]
     return out
 
 

@@ -186,7 +186,8 @@ def test_seeds_and_baseline_plan_and_tabulate(tmp_path, small_data, monkeypatch)
         value = acc[(point, seed)] + (0.5 if parts[-1] == "probe" else 0.0)
         with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 1, "train/loss": 1.0 + seed}) + "\n")
-            f.write(json.dumps({"step": 4, "eval/acc1": value}) + "\n")
+            f.write(json.dumps({"step": 4, "eval/acc1": value, "knn/acc1": value - 1,
+                                "knn/count": 20}) + "\n")
         return True
 
     monkeypatch.setattr(sweep, "run_stage", fake_stage)
@@ -210,6 +211,8 @@ def test_seeds_and_baseline_plan_and_tabulate(tmp_path, small_data, monkeypatch)
         row = by_point[point]
         assert row["probe/eval_acc1"] == pytest.approx(statistics.mean(vals) + 0.5)
         assert row["probe/eval_acc1_std"] == pytest.approx(statistics.stdev(vals))
+        assert row["probe/eval_knn_acc1"] == pytest.approx(statistics.mean(vals) - 0.5)
+        assert "probe/eval_knn_count" not in row
         if point != "random_init":
             assert row["eval_acc1"] == pytest.approx(statistics.mean(vals))
             assert row["train_loss"] == pytest.approx(2.0) and row["train_loss_std"] == pytest.approx(1.0)
