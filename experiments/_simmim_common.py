@@ -18,6 +18,7 @@ import ml_collections
 
 from mim import config as config_lib
 from mim.models import beit, simmim, swin
+from mim.tasks import linprobe as linprobe_task
 
 shared = config_lib.import_sibling(__file__, "_common.py")
 
@@ -207,6 +208,56 @@ def finetune(backbone: str, arg=None, name: str = "simmim_finetune"):
         c.data.re_prob = 0.0
         c.data.mixup = 0.0
         c.data.cutmix = 0.0
+        c.data.crop_scale = (0.35, 1.0)
+    if v.perf:
+        shared.perf(c)
+    return shared.finish(c, v)
+
+
+# ----------------------------------------------------------------------------------------
+# Linear probing. SimMIM's repository has no linear evaluation (the paper evaluates Swin-B
+# by fine-tuning); this applies MAE's protocol (main_linprobe.py) to the frozen pretrained
+# encoder, so SimMIM's rows sit beside MAE's in docs/results.md.
+
+
+def linprobe(backbone: str, arg=None, name: str = "simmim_linprobe"):
+    if backbone != "swin":
+        raise ValueError(f"{name}: a linear probe is defined for the Swin backbone only")
+    v = shared.parse_arg(arg, name)
+    c = config_lib.base()
+    c.task = "linprobe"
+    # Swin-B at 224 px with window 7, as fine-tuning reads it (the pretraining window 6
+    # interpolated at load time); the head reads the average-pooled final-norm features.
+    dim, depths, heads = swin.SIZES["base"]
+    c.model = swin.config(img_size=224, embed_dim=dim, depths=depths, num_heads=heads,
+                          window_size=7, drop_path_rate=0.0, num_classes=1000,
+                          head_init_std=0.01)
+    # MAE's head: BatchNorm1d(affine=False) + linear (trunc-normal 0.01), LARS base lr 0.1
+    # per 256, momentum 0.9, no weight decay, 90 epochs with 10 warm-up, batch 16384.
+    c.probe = linprobe_task.probe_config("pooled", batch_norm=True)
+    c.init.format = "swin"
+    c.batch_size = 16384
+    c.eval_batch_size = 1024
+    c.epochs = 90.0
+    c.data.image_size = 224
+    c.data.interpolation = "bicubic"
+    c.data.crop_scale = (0.08, 1.0)  # weak augmentation: RandomResizedCrop + flip only
+    c.data.crop_pct = 224 / 256
+    c.data.num_workers = 8
+    c.optim.name = "lars"
+    c.optim.base_lr = 0.1
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_epochs = 10.0
+    c.optim.min_lr = 0.0
+    c.precision = "amp_bf16"
+    c.log_every = 20
+    if v.tiny:
+        shared.tiny_data(c)
+        # The pretraining's window (4): the probe reads the features as pretrained.
+        c.model.update(TINY_SWIN, num_classes=TINY_CLASSES)
+        # As mae_base_linprobe.py:tiny: 150 steps of 256 at LARS lr 30 (see _mae_common.py).
+        shared.tiny_schedule(c, batch_size=256, steps=150, warmup_steps=15, base_lr=30.0)
         c.data.crop_scale = (0.35, 1.0)
     if v.perf:
         shared.perf(c)

@@ -24,9 +24,10 @@ of a run that exists is an error (use a new ``--workdir``).
 
 Spreading. ``--shard=i/n``, or the launcher's ``SLURM_PROCID``/``SLURM_NTASKS`` (one
 task per device: ``srun --ntasks=8 python -m mim.sweep ...``) or torchrun's
-``RANK``/``WORLD_SIZE``: launcher ``i`` of ``n`` runs points ``i, i+n, ...``, each on its
-own device (``SLURM_LOCALID`` / ``LOCAL_RANK``) as a one-device run. Every launcher
-rewrites ``results.csv`` and ``results.md`` from what is on disk when its points are
+``RANK``/``WORLD_SIZE``: launcher ``i`` of ``n`` takes runs ``i, i+n, ...`` of the plan (a
+run: one point at one seed with its ``--then`` stages; the ``--baseline`` runs last), each
+on its own device (``SLURM_LOCALID`` / ``LOCAL_RANK``) as a one-device run. Every launcher
+rewrites ``results.csv`` and ``results.md`` from what is on disk when its runs are
 done, so the last one to finish writes the whole table; ``--table_only`` rewrites it.
 The table holds each point's overrides and its final metrics (last logged value of
 every evaluation metric and of the training loss, per stage); ``curves.png`` overlays
@@ -75,7 +76,7 @@ def _define_flags():
     flags.DEFINE_multi_string("then", [], "downstream experiment FILE[:variant] started from "
                               "each point's final checkpoint (repeatable)")
     flags.DEFINE_list("carry", [], "override keys also applied to the --then runs")
-    flags.DEFINE_string("shard", "", "i/n: run points i, i+n, ... (default: SLURM or "
+    flags.DEFINE_string("shard", "", "i/n: take runs i, i+n, ... of the plan (default: SLURM or "
                         "torchrun's rank and size, else 0/1)")
     flags.DEFINE_integer("seeds", 1, "runs per point, with seed = config.seed + 0 .. seeds - 1; "
                          "the tables give mean +- standard deviation")
