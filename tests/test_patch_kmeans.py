@@ -33,6 +33,28 @@ def test_features_are_pooled_patches():
                 torch.testing.assert_close(f[b, i, j], torch.stack(want), rtol=0, atol=1e-6)
 
 
+def test_normalized_features_are_mae_normalised_pixels():
+    """``normalize=True``: each token's ``3 pool^2`` numbers standardised as MAE's
+    norm_pix_loss (models_mae.py: unbiased variance, ``(var + 1e-6) ** .5``), computed here
+    per patch by hand; a patch and its brightened, contrast-scaled copy get the same
+    features (the colour is gone, the pattern stays)."""
+    cfg = patch_kmeans.config(vocab_size=4, pool=2, normalize=True)
+    x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    f = patch_kmeans.features(x, cfg)
+    for b in range(2):
+        for i in range(2):
+            for j in range(3):
+                patch = x[b, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8]
+                raw = [float(patch[c, 4 * u:4 * u + 4, 4 * v:4 * v + 4].mean())
+                       for u in range(2) for v in range(2) for c in range(3)]
+                mean = sum(raw) / 12
+                var = sum((r - mean) ** 2 for r in raw) / 11
+                want = torch.tensor([(r - mean) / (var + 1e-6) ** 0.5 for r in raw])
+                torch.testing.assert_close(f[b, i, j], want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(patch_kmeans.features(0.2 + 0.5 * x, cfg), f, rtol=0, atol=5e-3)
+    assert not torch.allclose(patch_kmeans.features(x, patch_kmeans.config(pool=2)), f)
+
+
 def test_ids_are_the_nearest_centroid():
     c = tokenizers.config("kmeans", image_size=32, vocab_size=16, pool=2)
     params = tokenizers.init(torch.Generator().manual_seed(1), c)

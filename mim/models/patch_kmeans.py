@@ -24,17 +24,21 @@ import torch.nn.functional as F
 DOWNSAMPLE = 8
 
 
-def config(vocab_size: int = 64, pool: int = 2, fit_images: int = 2048, fit_iters: int = 30,
-           **kw) -> ml_collections.ConfigDict:
+def config(vocab_size: int = 64, pool: int = 2, normalize: bool = False, fit_images: int = 2048,
+           fit_iters: int = 30, **kw) -> ml_collections.ConfigDict:
     """``vocab_size``: centroids; ``pool``: feature cells per patch side (2: 12 numbers per
-    token); ``fit_images``: training crops the codebook is fitted on; ``fit_iters``: Lloyd
+    token); ``normalize``: each token's features minus their mean over its ``3 pool^2``
+    numbers, divided by their standard deviation (MAE's normalised-pixel target,
+    models_mae.py ``norm_pix_loss``), so that tokens hold a patch's pattern, not its colour;
+    ``fit_images``: training crops the codebook is fitted on; ``fit_iters``: Lloyd
     iterations after k-means++ seeding."""
     if kw:
         raise ValueError(f"patch k-means tokenizer: unknown fields {sorted(kw)}")
     if DOWNSAMPLE % pool:
         raise ValueError(f"patch k-means tokenizer: pool={pool} must divide {DOWNSAMPLE}")
     return ml_collections.ConfigDict(dict(name="kmeans", vocab_size=vocab_size, pool=pool,
-                                          fit_images=fit_images, fit_iters=fit_iters))
+                                          normalize=normalize, fit_images=fit_images,
+                                          fit_iters=fit_iters))
 
 
 def feature_dim(cfg) -> int:
@@ -43,12 +47,17 @@ def feature_dim(cfg) -> int:
 
 def features(x: torch.Tensor, cfg) -> torch.Tensor:
     """``(B, h, w, 3 pool^2)`` patch features of ``(B, 3, H, W)`` images: each patch
-    average-pooled to ``pool x pool`` cells, channels last within a cell."""
+    average-pooled to ``pool x pool`` cells, channels last within a cell; with
+    ``cfg.normalize``, standardised per token as MAE's ``norm_pix_loss`` (unbiased variance,
+    ``+ 1e-6`` under the square root)."""
     b, c, hh, ww = x.shape
     h, w, p = hh // DOWNSAMPLE, ww // DOWNSAMPLE, cfg.pool
     cells = F.adaptive_avg_pool2d(x.float(), (h * p, w * p))          # (B, 3, h p, w p)
     cells = cells.view(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1)   # (B, h, w, p, p, 3)
-    return cells.reshape(b, h, w, p * p * c)
+    f = cells.reshape(b, h, w, p * p * c)
+    if cfg.normalize:
+        f = (f - f.mean(-1, keepdim=True)) / (f.var(-1, keepdim=True) + 1e-6) ** 0.5
+    return f
 
 
 def init(gen: torch.Generator, cfg) -> dict:
