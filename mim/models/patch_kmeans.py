@@ -6,7 +6,8 @@ images, frozen, whose ids are the masked-prediction targets), in the spirit of i
 9-bit colour palette (Chen et al., 2020, Sec. 3.1: k-means on RGB pixels, k = 512) but
 per patch: a token's feature is its patch average-pooled to ``pool x pool`` cells of RGB
 (``3 pool^2`` numbers), so the vocabulary holds coarse colour and layout, the content a
-32-px image has. A randomly initialised DALL-E encoder of the ``:tiny`` size maps most
+32-px image has; with ``normalize`` each token's numbers are standardised first (MAE's
+normalised-pixel target), so it holds the patch's pattern without its colour. A randomly initialised DALL-E encoder of the ``:tiny`` size maps most
 patches to a handful of ids; k-means spreads them over the vocabulary by construction.
 
 Functions of the :class:`mim.models.tokenizers.Tokenizer` interface (``config``, ``init``,
